@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import metrics as M  # noqa: E402
+import metrics as M
 
 
 def make_outputs(logits, labels, indices=None) -> M.Outputs:
@@ -249,6 +245,8 @@ def test_salun_mia_seeded_and_capped() -> None:
     a = M.salun_mia(retain, test, forget, seed=5, max_per_side=50)
     b = M.salun_mia(retain, test, forget, seed=5, max_per_side=50)
     assert a == b
+    serial = M.salun_mia(retain, test, forget, seed=5, max_per_side=50, n_jobs=1)
+    assert serial == a
     only = M.salun_mia(retain, test, forget, seed=5, features=("loss",))
     assert set(only) == {"mia_loss", "mia_confidence", "mia_efficacy"}
     empty = M.salun_mia(retain, test, M.concat_outputs(), seed=5)

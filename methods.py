@@ -1,0 +1,333 @@
+"""Unlearning methods, one registry, one signature: ``fn(model, ctx, cfg, mask=None) -> model``.
+
+``ctx`` (:class:`UnlearnData`) carries the data, the split, the run's seeded generator and the
+original model; ``cfg`` is the experiment (shared settings plus ``cfg.method_args``, the
+method's own dataclass); ``mask`` is a SalUn saliency mask or None. The epoch loop, optimiser,
+mask guard and logging live in :func:`run_epochs`, so a method only says what one epoch does.
+
+Core methods as in the SalUn DeepDive study (seed 003) and the SalUn paper (Fan et al., 2024):
+``ft`` (fine-tune on retain), ``ga`` / ``ga_small`` (gradient ascent on forget, with or without
+descent on retain; Thudi et al. 2022, Graves et al. 2021), ``rl`` / ``rl_split`` (random
+labels on forget; Golatkar et al. 2020, the variant SalUn uses), ``retrain`` (exact unlearning).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from datasets import DeviceData, Split
+from errors import UserError, choices, did_you_mean
+from mask import MaskGuard, SaliencyMask
+from training import TrainConfig, eval_accuracy, fit, make_optimizer, make_scheduler
+
+Method = Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class NoArgs:
+    """This method has no method-specific settings."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    fn: Method
+    args: type
+    supports_mask: bool
+    doc: str
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(
+    name: str, args: type = NoArgs, supports_mask: bool = True
+) -> Callable[[Method], Method]:
+    def wrap(fn: Method) -> Method:
+        if name in METHODS:
+            raise ValueError(f"method '{name}' is registered twice")
+        doc = (fn.__doc__ or "").strip().split("\n")[0]
+        METHODS[name] = MethodSpec(name, fn, args, supports_mask, doc)
+        return fn
+
+    return wrap
+
+
+def method_spec(name: str, where: str = "") -> MethodSpec:
+    if name not in METHODS:
+        raise UserError(
+            f"{where}key 'method': unknown method '{name}'{did_you_mean(name, METHODS)}; "
+            f"valid methods: {choices(METHODS)}"
+        )
+    return METHODS[name]
+
+
+@dataclass
+class UnlearnData:
+    """Everything a method may use besides the model and the experiment config."""
+
+    data: DeviceData
+    split: Split
+    seed: int
+    original: nn.Module  # the model before unlearning, frozen, for methods that compare to it
+    base_meta: dict[str, Any]  # sidecar of the base checkpoint: its training recipe
+    generator: torch.Generator = field(init=False)
+    is_forget: Tensor = field(init=False)  # bool over the pool, on the data's device
+    log: Callable[[dict[str, float]], None] | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator().manual_seed(self.seed)
+        mask = torch.zeros(len(self.data.raw.train_y), dtype=torch.bool)
+        mask[self.split.forget] = True
+        self.is_forget = mask.to(self.data.device)
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    def batches(
+        self, idx: Tensor, batch_size: int, augment: bool = True
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """A shuffled, augmented pass over pool indices, drawn from the run's generator."""
+        return self.data.batches(
+            idx, batch_size, shuffle=True, augment=augment, generator=self.generator
+        )
+
+    def cycle(self, idx: Tensor, batch_size: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Endless shuffled passes, for pairing a small set with a large one."""
+        while True:
+            yield from self.batches(idx, batch_size)
+
+    def wrong_labels(self, y: Tensor) -> Tensor:
+        """A uniformly random label different from the true one, for every sample."""
+        shift = torch.randint(1, self.num_classes, y.shape, generator=self.generator)
+        return (y + shift.to(y.device)) % self.num_classes
+
+
+class Trainer:
+    """Optimiser, schedule and mask guard of one unlearning run."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Any,
+        mask: SaliencyMask | None,
+        params: list[nn.Parameter] | None = None,
+    ) -> None:
+        o = cfg.optimizer
+        params = params if params is not None else list(model.parameters())
+        if o.name == "adam":
+            self.opt: torch.optim.Optimizer = torch.optim.AdamW(
+                params, lr=cfg.lr, weight_decay=o.weight_decay
+            )
+        else:
+            self.opt = make_optimizer(params, cfg.lr, o.momentum, o.weight_decay)
+        self.sched = make_scheduler(self.opt, o.schedule, max(cfg.epochs, 1))
+        frozen = SaliencyMask.frozen(model, cfg.frozen) if cfg.frozen else None
+        full = mask.combine(frozen) if mask is not None else frozen
+        self.guard = MaskGuard(model, self.opt, full) if full is not None else None
+        self.steps = 0
+
+    def step(self, loss: Tensor) -> float:
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.guard is not None:
+            self.guard.before_step()
+        self.opt.step()
+        if self.guard is not None:
+            self.guard.after_step()
+        self.steps += 1
+        return float(loss.detach())
+
+    def pass_over(
+        self, batches: Iterator[tuple[Tensor, Tensor, Tensor]], loss_fn: Callable[..., Tensor]
+    ) -> float:
+        """One pass: a step per batch; returns the mean loss per sample."""
+        total, n = 0.0, 0
+        for x, y, idx in batches:
+            total += self.step(loss_fn(x, y, idx)) * len(y)
+            n += len(y)
+        return total / max(n, 1)
+
+
+def run_epochs(
+    model: nn.Module,
+    ctx: UnlearnData,
+    cfg: Any,
+    mask: SaliencyMask | None,
+    epoch_fn: Callable[[Trainer, int], dict[str, float]],
+    params: list[nn.Parameter] | None = None,
+) -> nn.Module:
+    """The loop every gradient-based method shares: epochs, logging, schedule, mask guard."""
+    tr = Trainer(model, cfg, mask, params)
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc=cfg.method, disable=None, leave=False):
+        model.train()
+        stats = epoch_fn(tr, epoch)
+        tr.sched.step()
+        row = {"epoch": epoch, "lr": tr.opt.param_groups[0]["lr"]} | stats
+        row["forget_acc"] = eval_accuracy(model, ctx.data, ctx.split.forget)
+        row["val_acc"] = eval_accuracy(model, ctx.data, ctx.split.val)
+        if not ctx.quiet:
+            text = "  ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()
+            )
+            print(f"    {cfg.method} {text}", file=sys.stderr)
+        if ctx.log is not None:
+            ctx.log(row)
+    return model
+
+
+def ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    return F.cross_entropy(model(x), y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Core methods
+
+
+@register("ft")
+def finetune(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+    """Fine-tune on the retain set (Warnecke et al. 2023; catastrophic forgetting of forget)."""
+
+    def epoch(tr: Trainer, _: int) -> dict[str, float]:
+        loss = tr.pass_over(
+            ctx.batches(ctx.split.retain, cfg.batch_size), lambda x, y, _: ce(model, x, y)
+        )
+        return {"retain_loss": loss}
+
+    return run_epochs(model, ctx, cfg, mask, epoch)
+
+
+@dataclass(frozen=True)
+class GAArgs:
+    ascent_weight: float = 1.0  # scales the ascent step on forget against the descent on retain
+
+    def check(self, where: str) -> None:
+        if not self.ascent_weight > 0:
+            raise UserError(f"{where}ascent_weight = {self.ascent_weight!r}; use a number > 0")
+
+
+@register("ga", args=GAArgs)
+def gradient_ascent(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+    """Gradient ascent on forget interleaved with descent on retain (NegGrad+, Kurmanji 2023)."""
+    w = cfg.method_args.ascent_weight
+
+    def epoch(tr: Trainer, _: int) -> dict[str, float]:
+        retain = ctx.cycle(ctx.split.retain, cfg.batch_size)
+        fl, rl, n = 0.0, 0.0, 0
+        for x, y, _ in ctx.batches(ctx.split.forget, cfg.batch_size):
+            fl += -tr.step(-w * ce(model, x, y)) / w
+            xr, yr, _ = next(retain)
+            rl += tr.step(ce(model, xr, yr))
+            n += 1
+        return {"forget_loss": fl / max(n, 1), "retain_loss": rl / max(n, 1)}
+
+    return run_epochs(model, ctx, cfg, mask, epoch)
+
+
+@register("ga_small", args=GAArgs)
+def gradient_ascent_small(
+    model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None
+):
+    """Gradient ascent on the forget set only (Thudi et al. 2022)."""
+    w = cfg.method_args.ascent_weight
+
+    def epoch(tr: Trainer, _: int) -> dict[str, float]:
+        loss = tr.pass_over(
+            ctx.batches(ctx.split.forget, cfg.batch_size), lambda x, y, _: -w * ce(model, x, y)
+        )
+        return {"forget_loss": -loss / w}
+
+    return run_epochs(model, ctx, cfg, mask, epoch)
+
+
+@register("rl")
+def random_label(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+    """Random labels on forget, trained together with retain in one pass (Golatkar et al. 2020)."""
+    both = torch.sort(torch.cat([ctx.split.forget, ctx.split.retain])).values
+
+    def loss_fn(x: Tensor, y: Tensor, idx: Tensor) -> Tensor:
+        y = torch.where(ctx.is_forget[idx], ctx.wrong_labels(y), y)
+        return ce(model, x, y)
+
+    def epoch(tr: Trainer, _: int) -> dict[str, float]:
+        return {"loss": tr.pass_over(ctx.batches(both, cfg.batch_size), loss_fn)}
+
+    return run_epochs(model, ctx, cfg, mask, epoch)
+
+
+@register("rl_split")
+def random_label_split(
+    model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None
+):
+    """Each epoch: a pass over forget with fresh random labels, then one over retain (SalUn)."""
+
+    def epoch(tr: Trainer, _: int) -> dict[str, float]:
+        fl = tr.pass_over(
+            ctx.batches(ctx.split.forget, cfg.batch_size),
+            lambda x, y, _: ce(model, x, ctx.wrong_labels(y)),
+        )
+        rl = tr.pass_over(
+            ctx.batches(ctx.split.retain, cfg.batch_size), lambda x, y, _: ce(model, x, y)
+        )
+        return {"forget_loss": fl, "retain_loss": rl}
+
+    return run_epochs(model, ctx, cfg, mask, epoch)
+
+
+@register("retrain", supports_mask=False)
+def retrain(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+    """Exact unlearning: a fresh model trained on retain with the base model's recipe.
+
+    The run's seed replaces the recipe's, so retrain rows show the seed-to-seed spread of the
+    oracle itself. The experiment's lr and epochs are ignored: the recipe is the point.
+    """
+    from models import build_model
+
+    recipe = dict(ctx.base_meta["train"]) | {"seed": ctx.seed}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    tcfg = TrainConfig(**{k: v for k, v in recipe.items() if k in known})
+    torch.manual_seed(ctx.seed)
+    fresh = build_model(ctx.base_meta["model"], ctx.num_classes, ctx.data.raw.in_chans)
+    fresh = fresh.to(ctx.device)
+    fit(fresh, ctx.data, ctx.split.retain, ctx.split.val, tcfg, desc="retrain")
+    return fresh
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(model)
+    for p in twin.parameters():
+        p.requires_grad_(False)
+    return twin.eval()
+
+
+__all__ = [
+    "METHODS",
+    "MethodSpec",
+    "NoArgs",
+    "Trainer",
+    "UnlearnData",
+    "ce",
+    "copy_model",
+    "method_spec",
+    "register",
+    "run_epochs",
+]
+
+
+import unlearning  # noqa: E402, F401  (registers the baselines in unlearning/)

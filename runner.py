@@ -1,0 +1,531 @@
+"""The experiment runner: validate everything, then run every experiment over every seed.
+
+For each experiment and seed: build the split from the base checkpoint's recorded split
+settings, find or train the retrain oracle for exactly that forget set, compute the saliency
+mask if asked, unlearn, evaluate the unlearned, base and oracle models with one pass per split,
+and write ``metrics.json``, the model and the mask atomically into the run folder. A rerun with
+the same ``--out`` skips finished runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import metrics as M
+from ckpt import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
+from config import ExperimentConfig
+from datasets import (
+    DeviceData,
+    ForgetSpec,
+    RawData,
+    Split,
+    atomic_write_text,
+    indices_hash,
+    make_forget_spec,
+    make_split,
+)
+from errors import UserError
+from mask import SaliencyMask
+from methods import UnlearnData, copy_model, method_spec
+from train import checkpoint_stem, load_data, train_checkpoint
+from training import EVAL_BATCH, TrainConfig
+from wandb_log import WandbLogger
+
+SPLITS = ("forget", "retain", "test", "test_forget", "val")
+
+
+@dataclass
+class Job:
+    """One experiment, resolved: where its base checkpoint is and which data it uses."""
+
+    index: int
+    cfg: ExperimentConfig
+    base_path: Path
+    base_train: TrainConfig | None  # set when the base checkpoint must be trained first
+    dataset: str
+    dataset_args: dict[str, Any]
+    split_seed: int
+    val_fraction: float
+
+    @property
+    def folder(self) -> str:
+        return f"{self.index:02d}_{self.cfg.name}"
+
+
+def _train_cfg_key(cfg: TrainConfig) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.to_json(), sort_keys=True).encode()).hexdigest()[:8]
+
+
+def train_config_from_meta(meta: dict[str, Any]) -> TrainConfig:
+    known = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in meta["train"].items() if k in known})
+
+
+class Runner:
+    def __init__(
+        self,
+        experiments: list[ExperimentConfig],
+        *,
+        source: str,
+        nexp: int,
+        base_seed: int,
+        device: torch.device,
+        out: Path,
+        ckpt_dir: Path,
+        data_dir: Path | None,
+        wandb_mode: str,
+        project: str = "unlearning",
+        quiet: bool = False,
+    ) -> None:
+        self.experiments = experiments
+        self.source = source
+        self.nexp = nexp
+        self.base_seed = base_seed
+        self.device = device
+        self.out = out
+        self.ckpt_dir = ckpt_dir
+        self.data_dir = data_dir
+        self.quiet = quiet
+        self.wandb = WandbLogger(wandb_mode, project, out)
+        self._raw: dict[str, RawData] = {}
+        self._dev: dict[str, DeviceData] = {}
+        self._models: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
+        self._outs: dict[tuple[str, str], dict[str, M.Outputs]] = {}
+        self.jobs: list[Job] = []
+
+    # -- validation ------------------------------------------------------------------------
+
+    def raw(self, dataset: str, dataset_args: dict[str, Any]) -> RawData:
+        key = json.dumps([dataset, dataset_args], sort_keys=True)
+        if key not in self._raw:
+            self._raw[key] = load_data(
+                TrainConfig(dataset=dataset, dataset_args=dataset_args), self.data_dir
+            )
+        return self._raw[key]
+
+    def device_data(self, dataset: str, dataset_args: dict[str, Any]) -> DeviceData:
+        key = json.dumps([dataset, dataset_args], sort_keys=True)
+        if key not in self._dev:
+            self._dev[key] = DeviceData(self.raw(dataset, dataset_args), self.device)
+        return self._dev[key]
+
+    def spec_for(self, job: Job, seed: int) -> ForgetSpec:
+        c = job.cfg
+        where = f"{self.source}: experiment {job.index}: "
+        return make_forget_spec(c.class_to_forget, c.unlearning_rate, c.idxs_to_forget, seed, where)
+
+    def resolve(self) -> list[Job]:
+        """Check every experiment against its checkpoint and data before anything trains."""
+        jobs = []
+        for i, cfg in enumerate(self.experiments):
+            where = f"{self.source}: experiment {i}: "
+            if isinstance(cfg.checkpoint, TrainConfig):
+                t = cfg.checkpoint
+                stem = f"{checkpoint_stem(t, ForgetSpec())}_{_train_cfg_key(t)}"
+                job = Job(i, cfg, self.ckpt_dir / stem, t, t.dataset, t.dataset_args,
+                          t.split_seed, t.val_fraction)  # fmt: skip
+            else:
+                meta = read_meta(cfg.checkpoint)
+                if meta.get("kind") == "retrain":
+                    print(
+                        f"warning: {where}checkpoint {cfg.checkpoint} is a retrain oracle, "
+                        "not a base model",
+                        file=sys.stderr,
+                    )
+                job = Job(i, cfg, Path(cfg.checkpoint), None, meta["dataset"],
+                          meta.get("dataset_args", {}), meta["split"]["split_seed"],
+                          meta["split"]["val_fraction"])  # fmt: skip
+            raw = self.raw(job.dataset, job.dataset_args)
+            cf = cfg.class_to_forget
+            for c in cf if isinstance(cf, list) else ([cf] if cf is not None else []):
+                if c >= raw.num_classes:
+                    raise UserError(
+                        f"{where}key 'class_to_forget': {c} is outside the checkpoint's classes "
+                        f"0..{raw.num_classes - 1}"
+                    )
+            for k in range(self.nexp):
+                try:
+                    make_split(raw, self.spec_for(job, self.base_seed + k), job.split_seed,
+                               job.val_fraction)  # fmt: skip
+                except UserError as e:
+                    raise UserError(f"{where}{e}") from None
+            if cfg.load_mask is not None:
+                # shapes are checked when the model is loaded; the file must at least parse
+                SaliencyMask.load(cfg.load_mask)
+            jobs.append(job)
+        self.jobs = jobs
+        return jobs
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def base_model(self, job: Job) -> tuple[nn.Module, dict[str, Any]]:
+        key = str(job.base_path)
+        if key not in self._models:
+            if job.base_train is not None and not checkpoint_exists(job.base_path):
+                train_checkpoint(
+                    job.base_train,
+                    ForgetSpec(),
+                    self.ckpt_dir,
+                    device=self.device,
+                    data=self.device_data(job.dataset, job.dataset_args),
+                    raw=self.raw(job.dataset, job.dataset_args),
+                    stem=job.base_path.name,
+                    quiet=self.quiet,
+                )
+            model, meta = load_checkpoint(job.base_path, self.device)
+            self._models[key] = (model.eval(), meta)
+        return self._models[key]
+
+    def oracle(
+        self, job: Job, base_meta: dict[str, Any], spec: ForgetSpec, split: Split
+    ) -> tuple[nn.Module, dict[str, Any], Path]:
+        """The retrain oracle for this base checkpoint and exactly this forget set."""
+        base_stem = Path(str(job.base_path)).name.removesuffix(".safetensors")
+        digest = indices_hash(split.forget)[:16]
+        path = self.ckpt_dir / "oracles" / f"{base_stem}__RF_{digest}"
+        key = str(path)
+        if key not in self._models:
+            if not checkpoint_exists(path):
+                if not self.quiet:
+                    print(f"building retrain oracle {path.name}", file=sys.stderr)
+                train_checkpoint(
+                    train_config_from_meta(base_meta),
+                    spec,
+                    path.parent,
+                    device=self.device,
+                    data=self.device_data(job.dataset, job.dataset_args),
+                    raw=self.raw(job.dataset, job.dataset_args),
+                    stem=path.name,
+                    extra_meta={"base_checkpoint": str(job.base_path), "forget_sha256": digest},
+                    quiet=self.quiet,
+                )
+            model, meta = load_checkpoint(path, self.device)
+            self._models[key] = (model.eval(), meta)
+        model, meta = self._models[key]
+        return model, meta, path
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def outputs(
+        self, model: nn.Module, data: DeviceData, split: Split, cache_key: str | None = None
+    ) -> dict[str, M.Outputs]:
+        key = (cache_key or "", indices_hash(split.forget) + str(split.spec.classes))
+        if cache_key is not None and key in self._outs:
+            return self._outs[key]
+        outs = {}
+        for name in SPLITS:
+            idx = getattr(split, name)
+            source = "test" if name.startswith("test") else "train"
+            outs[name] = M.collect_outputs(model, data.batches(idx, EVAL_BATCH, source=source))
+        if cache_key is not None:
+            self._outs[key] = outs
+        return outs
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run_dir(self, job: Job, k: int) -> Path:
+        return self.out / "runs" / job.folder / f"seed{self.base_seed + k}"
+
+    def run_all(self) -> list[dict[str, Any]]:
+        total = len(self.jobs) * self.nexp
+        done = 0
+        bar = tqdm(total=total, desc="runs", unit="run", disable=None)
+        try:
+            for job in self.jobs:
+                for k in range(self.nexp):
+                    d = self.run_dir(job, k)
+                    if (d / "metrics.json").is_file():
+                        if not self.quiet:
+                            print(f"skip {job.folder} seed {self.base_seed + k}: finished",
+                                  file=sys.stderr)  # fmt: skip
+                    else:
+                        self.run_one(job, k)
+                    done += 1
+                    bar.update(1)
+        finally:
+            bar.close()
+            results = self.collect()
+            self.write_summary(results)
+        return results
+
+    def run_one(self, job: Job, k: int) -> dict[str, Any]:
+        seed = self.base_seed + k
+        cfg = job.cfg
+        label = f"{job.folder} seed {seed}"
+        if not self.quiet:
+            print(f"== {label}: {cfg.method} on {job.dataset}", file=sys.stderr)
+        base, base_meta = self.base_model(job)
+        data = self.device_data(job.dataset, job.dataset_args)
+        spec = self.spec_for(job, seed)
+        split = make_split(data.raw, spec, job.split_seed, job.val_fraction)
+        oracle, oracle_meta, oracle_path = self.oracle(job, base_meta, spec, split)
+
+        torch.manual_seed(seed)
+        model = copy.deepcopy(base).train()
+        original = copy_model(base)
+        ctx = UnlearnData(data, split, seed, original, base_meta, quiet=self.quiet)
+        run_name = f"{job.folder}_s{seed}"
+        self.wandb.start(run_name, job.folder, cfg.to_json() | {"seed": seed})
+        ctx.log = self.wandb.log
+
+        start = time.perf_counter()
+        mask = None
+        if cfg.load_mask:
+            mask = SaliencyMask.load(cfg.load_mask, model)
+        elif cfg.use_mask:
+            mask = SaliencyMask.compute(model, data, split.forget, cfg.mask_thr, cfg.batch_size)
+        mask_seconds = time.perf_counter() - start
+        spec_m = method_spec(cfg.method)
+        model = spec_m.fn(model, ctx, cfg, mask)
+        unlearn_seconds = time.perf_counter() - start
+        model.eval()
+
+        eval_start = time.perf_counter()
+        outs = self.outputs(model, data, split)
+        base_outs = self.outputs(base, data, split, cache_key=str(job.base_path))
+        oracle_outs = self.outputs(oracle, data, split, cache_key=str(oracle_path))
+        nc = data.num_classes
+        report = M.model_report(outs, seed, nc)
+        base_report = M.model_report(base_outs, seed, nc)
+        oracle_report = M.model_report(oracle_outs, seed, nc)
+        gaps = M.oracle_comparison(report, oracle_report, outs, oracle_outs)
+        l2 = M.l2_distance(model, original)
+        result: dict[str, Any] = {
+            "experiment": job.folder,
+            "index": job.index,
+            "name": cfg.name,
+            "method": cfg.method,
+            "seed": seed,
+            "forget": spec.to_json()
+            | {"n": len(split.forget), "sha256": indices_hash(split.forget)},
+            "metrics": report | {"l2_to_base": l2},
+            "oracle": oracle_report | {"l2_to_base": M.l2_distance(oracle, original)},
+            "base": base_report,
+            "gaps": gaps,
+            "times": M.time_efficiency(unlearn_seconds, float(oracle_meta["train_seconds"]))
+            | {"mask_time": mask_seconds},
+            "mask_kept": mask.kept_fraction() if mask is not None else None,
+            "oracle_checkpoint": str(oracle_path),
+            "base_checkpoint": str(job.base_path),
+        }
+        if cfg.frozen:
+            moved = M.changed_parameters(model, original, cfg.frozen)
+            result["frozen_changed"] = moved
+            if moved:
+                raise RuntimeError(
+                    f"{label}: method '{cfg.method}' changed frozen parameters: {', '.join(moved)}"
+                )
+        if spec.classes:
+            result["challenge"] = M.challenge_score(
+                report["forget_acc"], report["retain_acc"], l2, report["kl_uniform_forget"],
+                frozen_changed=result.get("frozen_changed", []),
+            )  # fmt: skip
+        result["times"]["eval_time"] = time.perf_counter() - eval_start
+
+        d = self.run_dir(job, k)
+        save_checkpoint(
+            d / "model",
+            model,
+            base_meta
+            | {
+                "kind": "unlearned",
+                "method": cfg.method,
+                "experiment": cfg.to_json(),
+                "seed": seed,
+                "base_checkpoint": str(job.base_path),
+                "split": base_meta["split"] | {"forget": spec.to_json()},
+            },
+            split.forget,
+        )
+        if mask is not None:
+            mask.save(d / "mask.safetensors")
+        atomic_write_text(d / "metrics.json", json.dumps(_clean(result), indent=2))
+        flat = _flat(result)
+        self.wandb.finish(flat)
+        if not self.quiet:
+            r, g = report, gaps
+            print(
+                f"   {label}: forget {r['forget_acc']:.4f} (oracle {oracle_report['forget_acc']:.4f})"
+                f"  retain {r['retain_acc']:.4f}  test {r['test_acc']:.4f}"
+                f"  MIA {r['mia_efficacy']:.4f}  avg gap {g['avg_gap']:.2f}"
+                f"  time {unlearn_seconds:.1f}s",
+                file=sys.stderr,
+            )
+        return result
+
+    # -- results ---------------------------------------------------------------------------
+
+    def collect(self) -> list[dict[str, Any]]:
+        results = []
+        for job in self.jobs:
+            for k in range(self.nexp):
+                p = self.run_dir(job, k) / "metrics.json"
+                if p.is_file():
+                    results.append(json.loads(p.read_text()))
+        return results
+
+    def write_summary(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        rows = summarize(results, [j.folder for j in self.jobs])
+        if not rows:
+            return rows
+        atomic_write_text(self.out / "summary.csv", to_csv(rows))
+        md = to_markdown(rows)
+        atomic_write_text(self.out / "summary.md", md + "\n")
+        return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary tables
+
+COLUMNS = [
+    ("forget acc", ("metrics", "forget_acc"), 100),
+    ("retain acc", ("metrics", "retain_acc"), 100),
+    ("test acc", ("metrics", "test_acc"), 100),
+    ("MIA eff.", ("metrics", "mia_efficacy"), 100),
+    ("avg gap", ("gaps", "avg_gap"), 1),
+    ("time s", ("times", "unlearn_time"), 1),
+    ("time/oracle", ("times", "time_ratio"), 1),
+]
+ORACLE_COLUMNS = {
+    "forget acc": ("oracle", "forget_acc"),
+    "retain acc": ("oracle", "retain_acc"),
+    "test acc": ("oracle", "test_acc"),
+    "MIA eff.": ("oracle", "mia_efficacy"),
+    "time s": ("times", "oracle_time"),
+}
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+
+
+def summarize(results: list[dict[str, Any]], order: list[str]) -> list[dict[str, Any]]:
+    """Mean and std per experiment (and the oracle's, for reference) over its seeds."""
+    rows = []
+    for folder in order:
+        runs = [r for r in results if r["experiment"] == folder]
+        if not runs:
+            continue
+        for who in ("unlearned", "oracle"):
+            row: dict[str, Any] = {
+                "experiment": folder if who == "unlearned" else f"{folder} (oracle)",
+                "method": runs[0]["method"] if who == "unlearned" else "retrain oracle",
+                "runs": len(runs),
+            }
+            for col, (sect, key), scale in COLUMNS:
+                if who == "oracle":
+                    if col not in ORACLE_COLUMNS:
+                        row[col] = (math.nan, math.nan)
+                        continue
+                    sect, key = ORACLE_COLUMNS[col]
+                vals = [r[sect].get(key) for r in runs]
+                m, s = _mean_std([v * scale for v in vals if v is not None])
+                row[col] = (m, s)
+            if who == "unlearned" and all("challenge" in r for r in runs):
+                row["score"] = _mean_std([r["challenge"]["score"] for r in runs])
+            rows.append(row)
+    return rows
+
+
+def _fmt(ms: tuple[float, float]) -> str:
+    m, s = ms
+    if math.isnan(m):
+        return "-"
+    return f"{m:.2f} ± {s:.2f}"
+
+
+def _headers(rows: list[dict[str, Any]]) -> list[str]:
+    h = ["experiment", "runs"] + [c for c, _, _ in COLUMNS]
+    return h + (["score"] if any("score" in r for r in rows) else [])
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    h = _headers(rows)
+    lines = ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
+    for r in rows:
+        cells = [r["experiment"], str(r["runs"])] + [_fmt(r.get(c, (math.nan, 0))) for c in h[2:]]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def to_text(rows: list[dict[str, Any]]) -> str:
+    h = _headers(rows)
+    table = [h] + [
+        [r["experiment"], str(r["runs"])] + [_fmt(r.get(c, (math.nan, 0))) for c in h[2:]]
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(h))]
+    out = []
+    for n, row in enumerate(table):
+        out.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                             for i, (c, w) in enumerate(zip(row, widths, strict=True))))  # fmt: skip
+        if n == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    import csv
+    import io
+
+    h = _headers(rows)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(
+        ["experiment", "method", "runs"] + [f"{c} {p}" for c in h[2:] for p in ("mean", "std")]
+    )
+    for r in rows:
+        vals = []
+        for c in h[2:]:
+            m, s = r.get(c, (math.nan, math.nan))
+            vals += [f"{m:.6g}", f"{s:.6g}"]
+        w.writerow([r["experiment"], r["method"], r["runs"]] + vals)
+    return buf.getvalue()
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN: write null instead, so every tool can read the file."""
+    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _flat(result: dict[str, Any]) -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for sect in ("metrics", "gaps", "times"):
+        for k, v in result.get(sect, {}).items():
+            flat[f"{sect}/{k}"] = v
+    for k, v in result.get("oracle", {}).items():
+        flat[f"oracle/{k}"] = v
+    if "challenge" in result:
+        flat["challenge/score"] = result["challenge"]["score"]
+    return flat
+
+
+def timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+__all__ = ["Runner", "summarize", "to_markdown", "to_text", "to_csv", "timestamp"]
