@@ -82,6 +82,8 @@ class ExperimentConfig:
             parts.append(f"unlr{self.unlearning_rate:g}")
         elif self.idxs_to_forget is not None:
             parts.append("itf-" + Path(self.idxs_to_forget).stem)
+        elif self.replace_class is not None:
+            parts.append(f"rp{self.replace_class.get('old')}by{self.replace_class.get('new')}")
         return "_".join(parts)
 
     def to_json(self) -> dict[str, Any]:
@@ -185,9 +187,26 @@ def parse_train_config(obj: dict[str, Any], where: str, key: str = "checkpoint")
     return cfg
 
 
+def _check_names(cfg: TrainConfig, where: str) -> None:
+    """The dataset and model of a checkpoint object exist, so a typo fails before any training."""
+    import timm
+
+    from datasets import dataset_info
+    from models import MODELS, build_model
+
+    try:
+        dataset_info(cfg.dataset)
+    except UserError as e:
+        raise UserError(f"{where}key 'checkpoint.dataset': {e}") from None
+    if cfg.model is not None and cfg.model not in MODELS and not timm.is_model(cfg.model):
+        try:
+            build_model(cfg.model, 1, 1)  # unknown: raises the UserError with a did-you-mean
+        except UserError as e:
+            raise UserError(f"{where}key 'checkpoint.model': {e}") from None
+
+
 def parse_experiment(obj: Any, where: str) -> ExperimentConfig:
     """Parse and check one experiment object (everything that does not need the data)."""
-    from datasets import dataset_info
     from methods import method_spec
 
     if not isinstance(obj, dict):
@@ -203,7 +222,7 @@ def parse_experiment(obj: Any, where: str) -> ExperimentConfig:
     ckpt = obj.pop("checkpoint", {})
     if isinstance(ckpt, dict):
         ckpt_cfg: str | TrainConfig = parse_train_config(ckpt, where)
-        dataset_info(ckpt_cfg.dataset)
+        _check_names(ckpt_cfg, where)
     elif isinstance(ckpt, str):
         ckpt_cfg = ckpt
     else:
@@ -235,6 +254,17 @@ def check_experiment(cfg: ExperimentConfig, where: str) -> None:
         raise UserError(
             f"{where}no forget set: give one of class_to_forget, unlearning_rate, idxs_to_forget"
         )
+    rc = cfg.replace_class
+    if rc is not None:
+        if given:
+            raise UserError(
+                f"{where}key 'replace_class': the replaced class is the forget set; "
+                f"drop {', '.join(given)}"
+            )
+        if sorted(rc) != ["new", "old"]:
+            raise bad("replace_class", 'use {"old": <trained class>, "new": <untrained class>}')
+        if min(rc.values()) < 0 or rc["old"] == rc["new"]:
+            raise bad("replace_class", "old and new must be two different class indices >= 0")
     cf = cfg.class_to_forget
     if cf is not None:
         cls = cf if isinstance(cf, list) else [cf]
@@ -260,6 +290,8 @@ def check_experiment(cfg: ExperimentConfig, where: str) -> None:
     spec = method_spec(cfg.method, where)
     if (cfg.use_mask or cfg.load_mask) and not spec.supports_mask:
         raise bad("use_mask", f"method '{cfg.method}' takes no gradient steps to mask")
+    if cfg.frozen and not spec.supports_mask:
+        raise bad("frozen", f"method '{cfg.method}' takes no gradient steps to constrain")
     if hasattr(cfg.method_args, "check"):
         cfg.method_args.check(f"{where}key 'method_args': ")
 

@@ -37,10 +37,12 @@ from datasets import (
     make_forget_spec,
     make_split,
 )
-from errors import UserError
+from errors import UserError, did_you_mean
 from mask import SaliencyMask
 from methods import UnlearnData, copy_model, method_spec
-from train import checkpoint_stem, load_data, train_checkpoint
+from models import build_model
+from scenarios import relabelled, replacement_metrics
+from train import checkpoint_stem, load_data, resolved_model, train_checkpoint
 from training import EVAL_BATCH, TrainConfig
 from wandb_log import WandbLogger
 
@@ -59,6 +61,7 @@ class Job:
     dataset_args: dict[str, Any]
     split_seed: int
     val_fraction: float
+    classes: list[int] | None = None  # the base model's trained class subset; None = all
 
     @property
     def folder(self) -> str:
@@ -127,7 +130,21 @@ class Runner:
     def spec_for(self, job: Job, seed: int) -> ForgetSpec:
         c = job.cfg
         where = f"{self.source}: experiment {job.index}: "
+        if c.replace_class is not None:  # forget `old`; `new` takes its output slot
+            return ForgetSpec(classes=(c.replace_class["old"],), replace=c.replace_class["new"],
+                              seed=seed)  # fmt: skip
         return make_forget_spec(c.class_to_forget, c.unlearning_rate, c.idxs_to_forget, seed, where)
+
+    def job_data(self, job: Job) -> DeviceData:
+        """The job's data; in class replacement, with `new` relabelled to `old` (scenarios)."""
+        data = self.device_data(job.dataset, job.dataset_args)
+        rc = job.cfg.replace_class
+        if rc is None:
+            return data
+        key = json.dumps([job.dataset, job.dataset_args, rc], sort_keys=True)
+        if key not in self._dev:
+            self._dev[key] = relabelled(data, rc["old"], rc["new"])
+        return self._dev[key]
 
     def resolve(self) -> list[Job]:
         """Check every experiment against its checkpoint and data before anything trains."""
@@ -137,8 +154,9 @@ class Runner:
             if isinstance(cfg.checkpoint, TrainConfig):
                 t = cfg.checkpoint
                 stem = f"{checkpoint_stem(t, ForgetSpec())}_{_train_cfg_key(t)}"
+                model_name = resolved_model(t)
                 job = Job(i, cfg, self.ckpt_dir / stem, t, t.dataset, t.dataset_args,
-                          t.split_seed, t.val_fraction)  # fmt: skip
+                          t.split_seed, t.val_fraction, t.classes)  # fmt: skip
             else:
                 meta = read_meta(cfg.checkpoint)
                 if meta.get("kind") == "retrain":
@@ -147,9 +165,11 @@ class Runner:
                         "not a base model",
                         file=sys.stderr,
                     )
+                model_name = meta["model"]
                 job = Job(i, cfg, Path(cfg.checkpoint), None, meta["dataset"],
                           meta.get("dataset_args", {}), meta["split"]["split_seed"],
-                          meta["split"]["val_fraction"])  # fmt: skip
+                          meta["split"]["val_fraction"],
+                          meta["split"].get("classes"))  # fmt: skip
             raw = self.raw(job.dataset, job.dataset_args)
             cf = cfg.class_to_forget
             for c in cf if isinstance(cf, list) else ([cf] if cf is not None else []):
@@ -161,15 +181,33 @@ class Runner:
             for k in range(self.nexp):
                 try:
                     make_split(raw, self.spec_for(job, self.base_seed + k), job.split_seed,
-                               job.val_fraction)  # fmt: skip
+                               job.val_fraction, job.classes)  # fmt: skip
                 except UserError as e:
-                    raise UserError(f"{where}{e}") from None
-            if cfg.load_mask is not None:
-                # shapes are checked when the model is loaded; the file must at least parse
-                SaliencyMask.load(cfg.load_mask)
+                    key = "key 'replace_class': " if cfg.replace_class is not None else ""
+                    raise UserError(f"{where}{key}{e}") from None
+            if cfg.load_mask is not None or cfg.frozen:
+                self._check_model_keys(cfg, build_model(model_name, raw.num_classes,
+                                                        raw.in_chans), model_name, where)  # fmt: skip
             jobs.append(job)
         self.jobs = jobs
         return jobs
+
+    @staticmethod
+    def _check_model_keys(cfg: ExperimentConfig, model: nn.Module, name: str, where: str) -> None:
+        """A mask file and the frozen prefixes must fit the model (an untrained skeleton)."""
+        if cfg.load_mask is not None:
+            try:
+                SaliencyMask.load(cfg.load_mask, model)
+            except UserError as e:
+                raise UserError(f"{where}key 'load_mask': {e}") from None
+        params = [n for n, _ in model.named_parameters()]
+        for prefix in cfg.frozen:
+            if not any(n == prefix or n.startswith(prefix + ".") for n in params):
+                modules = [n for n, _ in model.named_modules() if n]
+                raise UserError(
+                    f"{where}key 'frozen': {prefix!r} matches no parameter of {name}"
+                    f"{did_you_mean(prefix, modules + params)}"
+                )
 
     # -- checkpoints -----------------------------------------------------------------------
 
@@ -197,7 +235,9 @@ class Runner:
         """The retrain oracle for this base checkpoint and exactly this forget set."""
         base_stem = Path(str(job.base_path)).name.removesuffix(".safetensors")
         digest = indices_hash(split.forget)[:16]
-        path = self.ckpt_dir / "oracles" / f"{base_stem}__RF_{digest}"
+        # a replacement oracle also learns `new` in `old`'s slot: not the forget-only oracle
+        kind = "RF" if spec.replace is None else f"RP{spec.replace}"
+        path = self.ckpt_dir / "oracles" / f"{base_stem}__{kind}_{digest}"
         key = str(path)
         if key not in self._models:
             if not checkpoint_exists(path):
@@ -208,7 +248,7 @@ class Runner:
                     spec,
                     path.parent,
                     device=self.device,
-                    data=self.device_data(job.dataset, job.dataset_args),
+                    data=self.job_data(job),
                     raw=self.raw(job.dataset, job.dataset_args),
                     stem=path.name,
                     extra_meta={"base_checkpoint": str(job.base_path), "forget_sha256": digest},
@@ -224,7 +264,8 @@ class Runner:
     def outputs(
         self, model: nn.Module, data: DeviceData, split: Split, cache_key: str | None = None
     ) -> dict[str, M.Outputs]:
-        key = (cache_key or "", indices_hash(split.forget) + str(split.spec.classes))
+        key = (cache_key or "", indices_hash(split.forget) + str(split.spec.classes)
+               + str(split.spec.replace))  # fmt: skip
         if cache_key is not None and key in self._outs:
             return self._outs[key]
         outs = {}
@@ -270,9 +311,9 @@ class Runner:
         if not self.quiet:
             print(f"== {label}: {cfg.method} on {job.dataset}", file=sys.stderr)
         base, base_meta = self.base_model(job)
-        data = self.device_data(job.dataset, job.dataset_args)
+        data = self.job_data(job)
         spec = self.spec_for(job, seed)
-        split = make_split(data.raw, spec, job.split_seed, job.val_fraction)
+        split = make_split(data.raw, spec, job.split_seed, job.val_fraction, job.classes)
         oracle, oracle_meta, oracle_path = self.oracle(job, base_meta, spec, split)
 
         torch.manual_seed(seed)
@@ -292,7 +333,8 @@ class Runner:
         mask_seconds = time.perf_counter() - start
         spec_m = method_spec(cfg.method)
         model = spec_m.fn(model, ctx, cfg, mask)
-        unlearn_seconds = time.perf_counter() - start
+        # the per-epoch monitoring is bookkeeping, not unlearning work
+        unlearn_seconds = time.perf_counter() - start - ctx.monitor_seconds
         model.eval()
 
         eval_start = time.perf_counter()
@@ -330,7 +372,13 @@ class Runner:
                 raise RuntimeError(
                     f"{label}: method '{cfg.method}' changed frozen parameters: {', '.join(moved)}"
                 )
-        if spec.classes:
+        if spec.replace is not None:
+            result["replacement"] = {
+                "unlearned": replacement_metrics(outs, data.raw, spec, split, nc),
+                "base": replacement_metrics(base_outs, data.raw, spec, split, nc),
+                "oracle": replacement_metrics(oracle_outs, data.raw, spec, split, nc),
+            }
+        elif spec.classes:
             result["challenge"] = M.challenge_score(
                 report["forget_acc"], report["retain_acc"], l2, report["kl_uniform_forget"],
                 frozen_changed=result.get("frozen_changed", []),
