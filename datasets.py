@@ -26,7 +26,7 @@ from torch import Tensor
 from errors import UserError, choices, did_you_mean
 
 # Fixed seed of the train/test split of the datasets that ship without one (mnist5k, digits),
-# so "the test set" means the same 1,000 (mnist5k) or 360 (digits) images for everyone.
+# so "the test set" means the same 1,000 (mnist5k) or 359 (digits) images for everyone.
 OFFLINE_TEST_SEED = 0
 OFFLINE_TEST_FRACTION = 0.2
 
@@ -237,6 +237,9 @@ class ForgetSpec:
     indices: tuple[int, ...] | None = None
     index_file: str | None = None  # where `indices` came from, for the record
     seed: int = 0  # draws the random fraction
+    # class replacement (seed 002): this class takes the place (output slot) of the single
+    # forgotten class in ``classes``; its training samples join retain, relabelled
+    replace: int | None = None
 
     @property
     def kind(self) -> str:
@@ -249,6 +252,8 @@ class ForgetSpec:
         return "none"
 
     def describe(self) -> str:
+        if self.replace is not None:
+            return f"rp{self.classes[0]}by{self.replace}"
         if self.classes:
             return "cf" + "-".join(str(c) for c in self.classes)
         if self.fraction is not None:
@@ -258,12 +263,13 @@ class ForgetSpec:
         return "none"
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        d = {
             "classes": list(self.classes),
             "fraction": self.fraction,
             "index_file": self.index_file,
             "seed": self.seed,
         }
+        return d | ({"replace": self.replace} if self.replace is not None else {})
 
 
 def indices_hash(indices: Sequence[int] | Tensor) -> str:
@@ -341,6 +347,11 @@ class Split:
     ``val`` and ``test`` exclude forgotten classes in class-wise forgetting; their samples of
     those classes are kept apart in ``val_forget`` and ``test_forget``. The pool is the disjoint
     union of val, val_forget, forget and retain; ``train`` = forget + retain.
+
+    With a class subset (``classes``, a model trained on some classes only) every index set,
+    test included, holds only samples of those classes: the pool samples of the other classes
+    belong to no set. In class replacement (``spec.replace``) the new class joins the subset:
+    its samples are in ``retain``/``val``/``test`` and also listed in ``new``/``test_new``.
     """
 
     train: Tensor
@@ -353,6 +364,9 @@ class Split:
     spec: ForgetSpec
     split_seed: int
     val_fraction: float
+    classes: tuple[int, ...] | None = None  # the class subset the split covers; None = all
+    new: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
+    test_new: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.long))
 
     def summary(self) -> dict[str, int]:
         return {k: len(getattr(self, k)) for k in self.index_names()}
@@ -372,24 +386,76 @@ def _stratified_val(y: Tensor, fraction: float, seed: int) -> Tensor:
     return torch.sort(torch.cat(parts)).values if parts else torch.zeros(0, dtype=torch.long)
 
 
+def _class_subset(
+    raw: RawData, spec: ForgetSpec, classes: Sequence[int] | None
+) -> tuple[Tensor, Tensor]:
+    """Boolean masks over the pool and the test set: samples of the classes the split covers.
+
+    That is ``classes`` (all classes when None), plus the new class of a class replacement.
+    """
+    n = raw.num_classes
+    if classes is None:
+        if spec.replace is not None:
+            raise UserError(
+                f"class replacement needs a base model trained on a class subset (train.py "
+                f"--classes); the new class {spec.replace} is among the trained classes"
+            )
+        return torch.ones(len(raw.train_y), dtype=torch.bool), torch.ones(
+            len(raw.test_y), dtype=torch.bool
+        )
+    bad = [c for c in classes if not 0 <= c < n]
+    if bad:
+        raise UserError(f"class {bad[0]} is out of range; {raw.name} has classes 0..{n - 1}")
+    used = torch.zeros(n, dtype=torch.bool)
+    used[list(classes)] = True
+    trained = ", ".join(map(str, classes))
+    for c in spec.classes:
+        if 0 <= c < n and not used[c]:
+            raise UserError(f"class to forget {c} is not among the trained classes {trained}")
+    if spec.replace is not None:
+        r = spec.replace
+        if not 0 <= r < n:
+            raise UserError(f"new class {r} is out of range; {raw.name} has classes 0..{n - 1}")
+        if used[r]:
+            raise UserError(
+                f"new class {r} is among the trained classes {trained}; a replacement class "
+                "must be one the base model never saw"
+            )
+        if len(spec.classes) != 1:
+            raise UserError(f"class replacement replaces one class, got {list(spec.classes)}")
+        used[r] = True
+    return used[raw.train_y], used[raw.test_y]
+
+
 def make_split(
-    raw: RawData, spec: ForgetSpec, split_seed: int = 0, val_fraction: float = 0.1
+    raw: RawData,
+    spec: ForgetSpec,
+    split_seed: int = 0,
+    val_fraction: float = 0.1,
+    classes: Sequence[int] | None = None,
 ) -> Split:
     """Carve validation (stratified, split seed) from the pool, then pick the forget set.
 
     The validation set depends only on the split seed, so a base model and every retrain
     oracle built from it share it. A random forget fraction is a share of the whole pool,
     drawn with ``spec.seed`` from the samples outside validation.
+
+    ``classes`` restricts every set to samples of those classes (a model trained on a class
+    subset): validation is carved from the whole pool as always and then restricted, so a
+    subset's validation samples are exactly the full split's validation samples of its classes.
     """
     if not 0 <= val_fraction < 1:
         raise UserError(f"validation fraction must be in [0, 1), got {val_fraction!r}")
-    n_pool = len(raw.train_y)
+    in_used, test_used = _class_subset(raw, spec, classes)
+    subset = classes is not None
+    n_pool = int(in_used.sum()) if subset else len(raw.train_y)
     val_all = _stratified_val(raw.train_y, val_fraction, split_seed)
-    in_val = torch.zeros(n_pool, dtype=torch.bool)
+    in_val = torch.zeros(len(raw.train_y), dtype=torch.bool)
     in_val[val_all] = True
-    outside_val = torch.nonzero(~in_val).flatten()
+    in_val &= in_used
+    outside_val = torch.nonzero(~in_val & in_used).flatten()
 
-    in_forget = torch.zeros(n_pool, dtype=torch.bool)
+    in_forget = torch.zeros(len(raw.train_y), dtype=torch.bool)
     forget_cls = torch.zeros(raw.num_classes, dtype=torch.bool)
     if spec.classes:
         for c in spec.classes:
@@ -399,7 +465,7 @@ def make_split(
                     f"0..{raw.num_classes - 1}"
                 )
             forget_cls[c] = True
-        in_forget = forget_cls[raw.train_y] & ~in_val
+        in_forget = forget_cls[raw.train_y] & ~in_val & in_used
     elif spec.fraction is not None:
         n = round(spec.fraction * n_pool)
         if not 0 < n <= len(outside_val):
@@ -414,11 +480,17 @@ def make_split(
         where = f"{spec.index_file}: " if spec.index_file else ""
         if len(idx) == 0:
             raise UserError(f"{where}the forget-index list is empty")
-        bad = idx[(idx < 0) | (idx >= n_pool)]
+        bad = idx[(idx < 0) | (idx >= len(raw.train_y))]
         if len(bad):
             raise UserError(
                 f"{where}index {int(bad[0])} is out of range; {raw.name}'s training pool has "
-                f"indices 0..{n_pool - 1}"
+                f"indices 0..{len(raw.train_y) - 1}"
+            )
+        if subset and not in_used[idx].all():
+            first = int(idx[~in_used[idx]][0])
+            raise UserError(
+                f"{where}index {first} is a sample of class {int(raw.train_y[first])}, which "
+                f"the model was not trained on (classes {', '.join(map(str, classes or []))})"
             )
         if in_val[idx].any():
             first = int(idx[in_val[idx]][0])
@@ -430,17 +502,24 @@ def make_split(
 
     test_forget_mask = forget_cls[raw.test_y]
     val_forget_mask = in_val & forget_cls[raw.train_y]
+    extra: dict[str, Any] = {}
+    if subset:
+        extra["classes"] = tuple(classes or ())
+    if spec.replace is not None:
+        extra["new"] = torch.nonzero((raw.train_y == spec.replace) & ~in_val).flatten()
+        extra["test_new"] = torch.nonzero(raw.test_y == spec.replace).flatten()
     return Split(
-        train=torch.nonzero(~in_val).flatten(),
+        train=torch.nonzero(~in_val & in_used).flatten(),
         val=torch.nonzero(in_val & ~val_forget_mask).flatten(),
         val_forget=torch.nonzero(val_forget_mask).flatten(),
         forget=torch.nonzero(in_forget).flatten(),
-        retain=torch.nonzero(~in_val & ~in_forget).flatten(),
-        test=torch.nonzero(~test_forget_mask).flatten(),
+        retain=torch.nonzero(~in_val & ~in_forget & in_used).flatten(),
+        test=torch.nonzero(~test_forget_mask & test_used).flatten(),
         test_forget=torch.nonzero(test_forget_mask).flatten(),
         spec=spec,
         split_seed=split_seed,
         val_fraction=val_fraction,
+        **extra,
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
@@ -101,14 +102,20 @@ class SaliencyMask:
             raise UserError(f"{p}: mask file not found")
         try:
             masks = load_file(str(p))
+            with safe_open(str(p), "pt") as f:
+                meta = f.metadata() or {}
         except Exception as e:  # safetensors raises its own error types for bad headers
             raise UserError(f"{p}: not a safetensors mask file ({e})") from None
+        try:
+            threshold: float | None = float(meta.get("threshold", ""))
+        except ValueError:  # saved without one ("None"), or not written by save()
+            threshold = None
         if model is not None:
             shapes = {n: p.shape for n, p in model.named_parameters()}
             for n, m in masks.items():
                 if n not in shapes or shapes[n] != m.shape:
                     raise UserError(f"{p}: mask entry '{n}' does not match the model's parameters")
-        return cls(masks)
+        return cls(masks, threshold)
 
     def to(self, device: torch.device) -> SaliencyMask:
         return SaliencyMask({n: m.to(device) for n, m in self.masks.items()}, self.threshold)

@@ -414,6 +414,11 @@ class Runner:
                 f"  time {unlearn_seconds:.1f}s",
                 file=sys.stderr,
             )
+            if "replacement" in result:
+                rp = result["replacement"]["unlearned"]
+                print(f"   {label}: replacement: new in old's slot {rp['new_acc']:.4f}  old still "
+                      f"there {rp['old_acc']:.4f}  untouched {rp['untouched_acc']:.4f} (test)",
+                      file=sys.stderr)  # fmt: skip
         return result
 
     # -- results ---------------------------------------------------------------------------

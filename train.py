@@ -3,7 +3,9 @@
 ``python train.py`` trains the dataset's default model on the training part of the pool;
 ``--cf``, ``--unlr`` or ``--itf`` remove a forget set and train on the retain set only (the
 exact-unlearning oracle of the SalUn paper). The checkpoint, its sidecar and its forget-index
-JSON are written to ``--out`` (default ``checkpoints/``).
+JSON are written to ``--out`` (default ``checkpoints/``). ``--classes 0,1,2`` trains on those
+classes only (pool, validation and test restricted to them; labels keep their dataset ids, so
+the model keeps one output per dataset class); the sidecar records the subset.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def resolved_model(cfg: TrainConfig) -> str:
 def checkpoint_stem(cfg: TrainConfig, spec: ForgetSpec, comment: str = "") -> str:
     kind = "base" if spec.kind == "none" else f"RF_{spec.describe()}"
     extra = "".join(f"-{v}" for _, v in sorted(cfg.dataset_args.items()))
+    if cfg.classes is not None:
+        extra += "-c" + "-".join(map(str, cfg.classes))
     name = f"{resolved_model(cfg)}_{cfg.dataset}{extra}_{kind}_s{cfg.seed}"
     return f"{name}_{comment}" if comment else name
 
@@ -71,7 +75,7 @@ def train_checkpoint(
     """Train on the retain set of `spec` (the whole training part when it is empty) and save."""
     cfg.check()
     raw = raw if raw is not None else load_data(cfg, data_dir)
-    split = make_split(raw, spec, cfg.split_seed, cfg.val_fraction)
+    split = make_split(raw, spec, cfg.split_seed, cfg.val_fraction, cfg.classes)
     data = data if data is not None else DeviceData(raw, device)
     model_name = resolved_model(cfg)
     torch.manual_seed(cfg.seed)
@@ -114,7 +118,8 @@ def train_checkpoint(
             "val_fraction": cfg.val_fraction,
             "forget": spec.to_json(),
             "sizes": split.summary(),
-        },
+        }
+        | ({"classes": cfg.classes} if cfg.classes is not None else {}),
         "train": cfg.to_json() | {"model": model_name},
         "metrics": accs,
         "best_epoch": result.best_epoch,
@@ -160,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unlr", type=float, default=None, help="fraction of the pool to forget")
     p.add_argument("--itf", default=None, help="forget-index JSON (list of pool indices)")
     p.add_argument("--comment", default="", help="suffix for the checkpoint name")
+    p.add_argument(
+        "--classes",
+        type=parse_classes,
+        default=None,
+        help="train on these classes only, e.g. 0,1,2 (labels keep their ids; default: all)",
+    )
     p.add_argument("--seed", type=int, default=d.seed, help="training and forget-draw seed")
     p.add_argument("--split-seed", type=int, default=d.split_seed, help="validation split seed")
     p.add_argument("--val-frac", type=float, default=d.val_fraction, help="validation share")
@@ -194,6 +205,7 @@ def main(argv: list[str] | None = None) -> Path:
         seed=args.seed,
         split_seed=args.split_seed,
         val_fraction=args.val_frac,
+        classes=args.classes,
     )
     cfg.check()
     cf = args.cf[0] if args.cf and len(args.cf) == 1 else args.cf
@@ -201,7 +213,7 @@ def main(argv: list[str] | None = None) -> Path:
     device = pick_device(args.device)
     raw = load_data(cfg, args.data_dir or default_data_dir())
     # check the forget set against the data before any training starts
-    make_split(raw, spec, cfg.split_seed, cfg.val_fraction)
+    make_split(raw, spec, cfg.split_seed, cfg.val_fraction, cfg.classes)
     start = time.perf_counter()
     path = train_checkpoint(cfg, spec, args.out, device=device, raw=raw, comment=args.comment)
     print(json.dumps({"checkpoint": str(path), "seconds": round(time.perf_counter() - start, 1)}))

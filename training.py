@@ -45,6 +45,12 @@ class TrainConfig:
     seed: int = 0
     split_seed: int = 0
     val_fraction: float = 0.1
+    # train on these classes only (labels keep their dataset ids; None = all classes)
+    classes: list[int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.classes is not None and all(isinstance(c, int) for c in self.classes):
+            object.__setattr__(self, "classes", sorted(self.classes))  # one name per subset
 
     def check(self, where: str = "") -> None:
         def bad(key: str, value: Any, allowed: str) -> UserError:
@@ -66,9 +72,15 @@ class TrainConfig:
             raise bad("patience", self.patience, "use an integer >= 0 (0 disables)")
         if not 0 <= self.val_fraction < 1:
             raise bad("val_fraction", self.val_fraction, "use a value in [0, 1)")
+        c = self.classes
+        if c is not None and (len(c) < 2 or len(set(c)) != len(c) or min(c) < 0):
+            raise bad("classes", c, "use at least two distinct class indices >= 0")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.classes is None:
+            del d["classes"]  # sidecars and cache names of all-class models stay as they were
+        return d
 
 
 @dataclass

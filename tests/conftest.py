@@ -10,14 +10,31 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
-from datasets import RawData, load_raw
+from datasets import ForgetSpec, RawData, load_raw
+from train import train_checkpoint
 from training import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# The test models are tiny: one intra-op thread is as fast as two on a 2-core machine, and
+# OpenMP's spinning threads slow down up to 100x when the cores are shared with other jobs.
+torch.set_num_threads(1)
+
 # A configuration small enough that a training test takes about a second on two CPU cores.
 TINY = TrainConfig(model="lenet", dataset="mnist5k", epochs=1, batch_size=128)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "last: run after every other test (e.g. to collect a background subprocess)"
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # a stable sort: tests marked `last` move to the end, in their own order
+    items.sort(key=lambda item: item.get_closest_marker("last") is not None)
 
 
 @pytest.fixture(scope="session")
@@ -33,3 +50,17 @@ def mnist5k(data_dir: Path) -> RawData:
 @pytest.fixture(scope="session")
 def digits(data_dir: Path) -> RawData:
     return load_raw("digits", data_dir)
+
+
+@pytest.fixture(scope="session")
+def checkpoints_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session ``--checkpoints`` folder: the tiny base model and the oracles built from it."""
+    return tmp_path_factory.mktemp("checkpoints")
+
+
+@pytest.fixture(scope="session")
+def tiny_base(checkpoints_dir: Path, mnist5k: RawData) -> Path:
+    """An mnist5k LeNet base checkpoint trained for one epoch (TINY); its .safetensors path."""
+    return train_checkpoint(
+        TINY, ForgetSpec(), checkpoints_dir, device=torch.device("cpu"), raw=mnist5k, quiet=True
+    )
