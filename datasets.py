@@ -593,7 +593,11 @@ class DeviceData:
 
 
 def pick_device(name: str | None = None) -> torch.device:
-    """The requested device, else CUDA when available, else Apple MPS, else CPU."""
+    """The requested device, else CUDA when available, else Apple MPS, else CPU.
+
+    On CUDA, cuDNN is put in deterministic mode (no autotuned kernel choice), so a seed gives
+    the same numbers run after run on the same GPU and library versions.
+    """
     if name:
         try:
             dev = torch.device(name)
@@ -601,9 +605,15 @@ def pick_device(name: str | None = None) -> torch.device:
             raise UserError(f"unknown device '{name}'; use cpu, cuda, cuda:N or mps") from None
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise UserError(f"device '{name}' requested but CUDA is not available here")
-        return dev
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+        if dev.type == "mps" and not torch.backends.mps.is_available():
+            raise UserError(f"device '{name}' requested but MPS is not available here")
+    elif torch.cuda.is_available():
+        dev = torch.device("cuda")
+    elif getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        dev = torch.device("mps")
+    else:
+        dev = torch.device("cpu")
+    if dev.type == "cuda":
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+    return dev

@@ -97,8 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     config_path = out / "config.json"
     if config_path.is_file():
+        # a different --nexp only adds or leaves out seeds: finished runs stay valid
         old = json.loads(config_path.read_text())
-        if {k: old.get(k) for k in resolved} != json.loads(json.dumps(resolved)):
+        same = [k for k in resolved if k != "nexp"]
+        if {k: old.get(k) for k in same} != json.loads(json.dumps({k: resolved[k] for k in same})):
             raise UserError(
                 f"{out}: this run folder was made with a different configuration; "
                 "use a new --out to start a fresh run"

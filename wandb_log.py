@@ -18,10 +18,11 @@ _SECRET_KEYS = ("WANDB_API_KEY", "WANDB_SECRET")
 
 def _load_env() -> None:
     try:
-        from dotenv import load_dotenv
+        from dotenv import find_dotenv, load_dotenv
     except ImportError:  # python-dotenv is in requirements; stay usable without it
         return
-    load_dotenv(override=False)
+    # the .env of the folder the user runs from (not of this file's folder)
+    load_dotenv(find_dotenv(usecwd=True), override=False)
     if not os.environ.get("WANDB_API_KEY") and os.environ.get("WANDB_SECRET"):
         os.environ["WANDB_API_KEY"] = os.environ["WANDB_SECRET"]
 
