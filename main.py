@@ -133,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         from report import write_report
 
-        write_report(out)
+        write_report(
+            out,
+            device=device,
+            data_dir=args.data_dir,
+            wandb_mode="disabled" if args.no_log else args.wandb,
+            project=args.project,
+        )
     return 0
 
 
