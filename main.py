@@ -19,7 +19,7 @@ from typing import Any
 from config import ExperimentConfig, load_experiments, parse_experiment
 from datasets import atomic_write_text, pick_device
 from errors import UserError, cli
-from runner import Runner, summarize, timestamp, to_text
+from runner import Runner, summarize, table_cells, timestamp, to_text
 from wandb_log import MODES
 
 
@@ -130,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize(results, [j.folder for j in runner.jobs])
     print(to_text(rows))
     print(f"\nresults: {out}")
+    if rows:
+        headers, cells = table_cells(rows)
+        runner.wandb.log_table("summary", headers, cells, resolved)
     if args.report:
         from report import write_report
 

@@ -510,6 +510,16 @@ def _headers(rows: list[dict[str, Any]]) -> list[str]:
     return h + (["score"] if any("score" in r for r in rows) else [])
 
 
+def table_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Headers and formatted cells (mean ± std), for W&B tables and figures."""
+    h = _headers(rows)
+    cells = [
+        [r["experiment"], str(r["runs"])] + [_fmt(r.get(c, (math.nan, 0))) for c in h[2:]]
+        for r in rows
+    ]
+    return h, cells
+
+
 def to_markdown(rows: list[dict[str, Any]]) -> str:
     h = _headers(rows)
     lines = ["| " + " | ".join(h) + " |", "|" + "---|" * len(h)]
