@@ -24,7 +24,10 @@ from models import build_model
 
 
 def versions() -> dict[str, str]:
+    """Versions of Python and of the libraries that training and evaluation depend on."""
     import numpy
+    import scipy
+    import sklearn
     import timm
     import torchvision
 
@@ -34,6 +37,8 @@ def versions() -> dict[str, str]:
         "torchvision": torchvision.__version__,
         "timm": timm.__version__,
         "numpy": numpy.__version__,
+        "scipy": scipy.__version__,
+        "scikit-learn": sklearn.__version__,
     }
 
 

@@ -50,22 +50,12 @@ class Block:
 
 
 def versions() -> dict[str, str]:
-    """Versions of Python and of every library the results depend on."""
+    """Versions of Python and of every library the results depend on, plus the platform."""
     import matplotlib
-    import numpy
-    import scipy
-    import sklearn
-    import timm
-    import torchvision
 
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "timm": timm.__version__,
-        "numpy": numpy.__version__,
-        "scipy": scipy.__version__,
-        "scikit-learn": sklearn.__version__,
+    from ckpt import versions as library_versions
+
+    return library_versions() | {
         "matplotlib": matplotlib.__version__,
         "platform": platform.platform(),
     }
