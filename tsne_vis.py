@@ -132,6 +132,12 @@ def _legend(
     fig.legend(handles=handles, loc="outside right center", fontsize=7, frameon=False)
 
 
+def _class_names(labels: np.ndarray, class_names: Sequence[str] | None) -> list[str]:
+    """The given class names, else "0".."C-1" for the classes present in `labels`."""
+    nc = int(labels.max()) + 1 if len(labels) else 1
+    return list(class_names or map(str, range(nc)))
+
+
 def plot_tsne_2d(
     y: np.ndarray,
     labels: np.ndarray,
@@ -142,8 +148,7 @@ def plot_tsne_2d(
     class_names: Sequence[str] | None = None,
 ) -> Path:
     """One 2-D t-SNE map, coloured by class, forget samples marked."""
-    nc = int(labels.max()) + 1 if len(labels) else 1
-    names = list(class_names or map(str, range(nc)))
+    names = _class_names(labels, class_names)
     colors = class_colors(len(names))
     fig = Figure(figsize=(5.6, 4.6), dpi=100, layout="constrained")
     ax = fig.add_subplot()
@@ -190,8 +195,7 @@ def plot_tsne_3d(
     class_names: Sequence[str] | None = None,
 ) -> Path:
     """One 3-D t-SNE map (a fixed view), coloured by class, forget samples marked."""
-    nc = int(labels.max()) + 1 if len(labels) else 1
-    fig, ax = _figure_3d(y, labels, forget, title, list(class_names or map(str, range(nc))))
+    fig, ax = _figure_3d(y, labels, forget, title, _class_names(labels, class_names))
     ax.view_init(elev=20, azim=35)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
@@ -212,8 +216,7 @@ def tsne_gif(
     """A looping GIF of the 3-D map turning once around its vertical axis (``frames`` views)."""
     from PIL import Image
 
-    nc = int(labels.max()) + 1 if len(labels) else 1
-    names = list(class_names or map(str, range(nc)))
+    names = _class_names(labels, class_names)
     fig, ax = _figure_3d(y, labels, forget, title, names, size=(4.2, 3.6), dpi=dpi, legend=False)
     canvas = FigureCanvasAgg(fig)
     images = []
@@ -239,8 +242,7 @@ def plot_tsne_compare(
     class_names: Sequence[str] | None = None,
 ) -> Path:
     """2-D maps of several models on the same samples, side by side, aligned to the first."""
-    nc = int(labels.max()) + 1 if len(labels) else 1
-    names = list(class_names or map(str, range(nc)))
+    names = _class_names(labels, class_names)
     colors = class_colors(len(names))
     fig = Figure(figsize=(3.8 * len(maps) + 1.2, 4.0), dpi=100, layout="constrained")
     axes = fig.subplots(1, len(maps), squeeze=False)[0]
