@@ -66,13 +66,7 @@ def dataset_info(name: str) -> DatasetInfo:
 
 
 def _stratified_test_split(x: Tensor, y: Tensor, fraction: float, seed: int) -> dict[str, Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    test_parts = []
-    for c in torch.unique(y).tolist():
-        idx = torch.nonzero(y == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        test_parts.append(idx[: round(fraction * len(idx))])
-    test = torch.sort(torch.cat(test_parts)).values
+    test = _stratified_pick(y, fraction, seed)
     is_test = torch.zeros(len(y), dtype=torch.bool)
     is_test[test] = True
     train = torch.nonzero(~is_test).flatten()
@@ -376,7 +370,8 @@ class Split:
         return ("train", "val", "val_forget", "forget", "retain", "test", "test_forget")
 
 
-def _stratified_val(y: Tensor, fraction: float, seed: int) -> Tensor:
+def _stratified_pick(y: Tensor, fraction: float, seed: int) -> Tensor:
+    """Sorted indices of a seeded `fraction` of every class (the test and validation splits)."""
     g = torch.Generator().manual_seed(seed)
     parts = []
     for c in torch.unique(y).tolist():
@@ -449,7 +444,7 @@ def make_split(
     in_used, test_used = _class_subset(raw, spec, classes)
     subset = classes is not None
     n_pool = int(in_used.sum()) if subset else len(raw.train_y)
-    val_all = _stratified_val(raw.train_y, val_fraction, split_seed)
+    val_all = _stratified_pick(raw.train_y, val_fraction, split_seed)
     in_val = torch.zeros(len(raw.train_y), dtype=torch.bool)
     in_val[val_all] = True
     in_val &= in_used

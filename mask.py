@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from datasets import DeviceData
 from errors import UserError
+from metrics import name_under
 
 
 class SaliencyMask:
@@ -69,7 +70,7 @@ class SaliencyMask:
         """A mask that fixes every parameter under the given name prefixes."""
         return cls(
             {
-                n: torch.full_like(p, not _under(n, prefixes), dtype=torch.bool)
+                n: torch.full_like(p, not name_under(n, prefixes), dtype=torch.bool)
                 for n, p in model.named_parameters()
             }
         )
@@ -119,10 +120,6 @@ class SaliencyMask:
 
     def to(self, device: torch.device) -> SaliencyMask:
         return SaliencyMask({n: m.to(device) for n, m in self.masks.items()}, self.threshold)
-
-
-def _under(name: str, prefixes: Sequence[str]) -> bool:
-    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 class MaskGuard:

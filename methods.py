@@ -14,7 +14,6 @@ labels on forget; Golatkar et al. 2020, the variant SalUn uses), ``retrain`` (ex
 from __future__ import annotations
 
 import copy
-import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from datasets import DeviceData, Split
 from errors import UserError, choices, did_you_mean
 from mask import MaskGuard, SaliencyMask
-from training import TrainConfig, eval_accuracy, fit, make_optimizer, make_scheduler
+from training import TrainConfig, eval_accuracy, fit, make_optimizer, make_scheduler, step
 
 Method = Callable[..., nn.Module]
 
@@ -146,13 +145,7 @@ class Trainer:
         self.steps = 0
 
     def step(self, loss: Tensor) -> float:
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if self.guard is not None:
-            self.guard.before_step()
-        self.opt.step()
-        if self.guard is not None:
-            self.guard.after_step()
+        step(loss, self.opt, self.guard)
         self.steps += 1
         return float(loss.detach())
 
@@ -307,9 +300,7 @@ def retrain(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | N
     """
     from models import build_model
 
-    recipe = dict(ctx.base_meta["train"]) | {"seed": ctx.seed}
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    tcfg = TrainConfig(**{k: v for k, v in recipe.items() if k in known})
+    tcfg = TrainConfig.from_json(ctx.base_meta["train"] | {"seed": ctx.seed})
     torch.manual_seed(ctx.seed)
     fresh = build_model(ctx.base_meta["model"], ctx.num_classes, ctx.data.raw.in_chans)
     fresh = fresh.to(ctx.device)

@@ -61,6 +61,7 @@ __all__ = [
     "loss_mia",
     "mia_features",
     "model_report",
+    "name_under",
     "oracle_comparison",
     "per_class_accuracy",
     "salun_mia",
@@ -452,7 +453,9 @@ def kl_to_uniform(o: Outputs) -> float:
     return float(per_sample.double().mean())
 
 
-def _under(name: str, prefixes: Sequence[str]) -> bool:
+def name_under(name: str, prefixes: Sequence[str]) -> bool:
+    """Whether a parameter name lies under one of the prefixes: `fc2` matches `fc2.weight`,
+    not `fc20.weight`; a trailing dot on a prefix is ignored."""
     for prefix in prefixes:
         p = prefix.rstrip(".")
         if name == p or name.startswith(p + "."):
@@ -483,11 +486,11 @@ def changed_parameters(
     current = model.state_dict(keep_vars=True)
     changed: list[str] = []
     for name, tensor in current.items():
-        if not _under(name, prefixes):
+        if not name_under(name, prefixes):
             continue
         if name not in initial or not _bit_identical(tensor, initial[name]):
             changed.append(name)
-    changed.extend(n for n in initial if _under(n, prefixes) and n not in current)
+    changed.extend(n for n in initial if name_under(n, prefixes) and n not in current)
     return changed
 
 

@@ -15,7 +15,7 @@ import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -72,11 +72,6 @@ def _train_cfg_key(cfg: TrainConfig) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(cfg.to_json(), sort_keys=True).encode()).hexdigest()[:8]
-
-
-def train_config_from_meta(meta: dict[str, Any]) -> TrainConfig:
-    known = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in meta["train"].items() if k in known})
 
 
 class Runner:
@@ -244,7 +239,7 @@ class Runner:
                 if not self.quiet:
                     print(f"building retrain oracle {path.name}", file=sys.stderr)
                 train_checkpoint(
-                    train_config_from_meta(base_meta),
+                    TrainConfig.from_json(base_meta["train"]),
                     spec,
                     path.parent,
                     device=self.device,

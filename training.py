@@ -10,7 +10,7 @@ import copy
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -76,6 +76,13 @@ class TrainConfig:
         if c is not None and (len(c) < 2 or len(set(c)) != len(c) or min(c) < 0):
             raise bad("classes", c, "use at least two distinct class indices >= 0")
 
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> TrainConfig:
+        """The recipe stored in a sidecar; keys it does not know (e.g. a resolved model) are
+        ignored, so sidecars written by other versions still load."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         if self.classes is None:
@@ -121,7 +128,6 @@ def eval_accuracy(model: nn.Module, data: DeviceData, idx: Tensor, source: str =
 
 
 def step(
-    model: nn.Module,
     loss: Tensor,
     opt: torch.optim.Optimizer,
     guard: MaskGuard | None = None,
@@ -171,7 +177,7 @@ def fit(
             if on_batch is not None:
                 on_batch(bi)
             loss = F.cross_entropy(model(x), y)
-            step(model, loss, opt, sched=sched)
+            step(loss, opt, sched=sched)
             total += loss.item() * len(y)
             n += len(y)
         val_acc = eval_accuracy(model, data, val_idx)
