@@ -104,6 +104,8 @@ class Runner:
         self._dev: dict[str, DeviceData] = {}
         self._models: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
         self._outs: dict[tuple[str, str], dict[str, M.Outputs]] = {}
+        # base and oracle reports: experiments sharing a base model and forget set share them
+        self._reports: dict[tuple[str, str, int], dict[str, Any]] = {}
         self.jobs: list[Job] = []
 
     # -- validation ------------------------------------------------------------------------
@@ -259,8 +261,7 @@ class Runner:
     def outputs(
         self, model: nn.Module, data: DeviceData, split: Split, cache_key: str | None = None
     ) -> dict[str, M.Outputs]:
-        key = (cache_key or "", indices_hash(split.forget) + str(split.spec.classes)
-               + str(split.spec.replace))  # fmt: skip
+        key = self._outputs_key(split, cache_key)
         if cache_key is not None and key in self._outs:
             return self._outs[key]
         outs = {}
@@ -271,6 +272,21 @@ class Runner:
         if cache_key is not None:
             self._outs[key] = outs
         return outs
+
+    @staticmethod
+    def _outputs_key(split: Split, cache_key: str | None) -> tuple[str, str]:
+        return (cache_key or "", indices_hash(split.forget) + str(split.spec.classes)
+                + str(split.spec.replace))  # fmt: skip
+
+    def reference(
+        self, model: nn.Module, data: DeviceData, split: Split, cache_key: str, seed: int
+    ) -> tuple[dict[str, M.Outputs], dict[str, Any]]:
+        """Outputs and report of a base model or oracle, computed once per split and seed."""
+        outs = self.outputs(model, data, split, cache_key)
+        key = (*self._outputs_key(split, cache_key), seed)
+        if key not in self._reports:
+            self._reports[key] = M.model_report(outs, seed, data.num_classes)
+        return outs, self._reports[key]
 
     # -- running ---------------------------------------------------------------------------
 
@@ -334,12 +350,10 @@ class Runner:
 
         eval_start = time.perf_counter()
         outs = self.outputs(model, data, split)
-        base_outs = self.outputs(base, data, split, cache_key=str(job.base_path))
-        oracle_outs = self.outputs(oracle, data, split, cache_key=str(oracle_path))
+        base_outs, base_report = self.reference(base, data, split, str(job.base_path), seed)
+        oracle_outs, oracle_report = self.reference(oracle, data, split, str(oracle_path), seed)
         nc = data.num_classes
         report = M.model_report(outs, seed, nc)
-        base_report = M.model_report(base_outs, seed, nc)
-        oracle_report = M.model_report(oracle_outs, seed, nc)
         gaps = M.oracle_comparison(report, oracle_report, outs, oracle_outs)
         l2 = M.l2_distance(model, original)
         result: dict[str, Any] = {
