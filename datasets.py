@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from errors import UserError, choices, did_you_mean
+from core.errors import UserError, choices, did_you_mean
+from core.io import atomic_write_text
+from loaders import torchvision_files as tv
 
 # Fixed seed of the train/test split of the datasets that ship without one (mnist5k, digits),
 # so "the test set" means the same 1,000 (mnist5k) or 359 (digits) images for everyone.
@@ -116,8 +118,6 @@ def load_digits(root: Path, download: bool) -> dict[str, Any]:
 
 
 def _register_torchvision() -> None:
-    import tv_datasets as tv
-
     specs = {
         "cifar10": (True, 4, "resnet18_cifar", "CIFAR-10, 50k/10k 32x32 colour images"),
         "cifar100": (True, 4, "resnet18_cifar", "CIFAR-100, 50k/10k 32x32, 100 classes"),
@@ -325,13 +325,6 @@ def read_index_file(path: str | Path) -> tuple[int, ...]:
 
 def write_index_file(path: Path, indices: Tensor) -> None:
     atomic_write_text(path, json.dumps([int(i) for i in indices.tolist()]))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -25,10 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from core.errors import UserError, choices, did_you_mean
 from datasets import DeviceData, Split
-from errors import UserError, choices, did_you_mean
-from mask import MaskGuard, SaliencyMask
-from training import TrainConfig, eval_accuracy, fit, make_optimizer, make_scheduler, step
+from models import build_model
+from training.config import TrainConfig
+from training.loop import eval_accuracy, fit, make_optimizer, make_scheduler, step
+from training.mask import MaskGuard, SaliencyMask
 
 Method = Callable[..., nn.Module]
 
@@ -298,7 +300,6 @@ def retrain(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | N
     The run's seed replaces the recipe's, so retrain rows show the seed-to-seed spread of the
     oracle itself. The experiment's lr and epochs are ignored: the recipe is the point.
     """
-    from models import build_model
 
     tcfg = TrainConfig.from_json(ctx.base_meta["train"] | {"seed": ctx.seed})
     torch.manual_seed(ctx.seed)
@@ -327,6 +328,3 @@ __all__ = [
     "register",
     "run_epochs",
 ]
-
-
-import unlearning  # noqa: E402, F401  (registers the baselines in unlearning/)

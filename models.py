@@ -6,13 +6,13 @@ feature extraction works the same way for all of them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import timm
 import torch
 from torch import Tensor, nn
 
-from errors import UserError, did_you_mean
+from core.errors import UserError, did_you_mean
 
 MODELS: dict[str, Callable[..., nn.Module]] = {}
 
@@ -141,3 +141,13 @@ def build_model(name: str, num_classes: int, in_chans: int) -> nn.Module:
 def features(model: nn.Module, x: Tensor) -> Tensor:
     """Penultimate-layer features (timm's forward_features + pre-logits head)."""
     return model.forward_head(model.forward_features(x), pre_logits=True)  # type: ignore[operator]
+
+
+def name_under(name: str, prefixes: Sequence[str]) -> bool:
+    """Whether a parameter name lies under one of the prefixes: `fc2` matches `fc2.weight`,
+    not `fc20.weight`; a trailing dot on a prefix is ignored."""
+    for prefix in prefixes:
+        p = prefix.rstrip(".")
+        if name == p or name.startswith(p + "."):
+            return True
+    return False

@@ -30,10 +30,11 @@ from torchvision import transforms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from core.errors import UserError, cli  # noqa: E402
 from datasets import DeviceData, RawData, default_data_dir, load_raw, pick_device  # noqa: E402
-from errors import UserError, cli  # noqa: E402
 from models import build_model  # noqa: E402
-from training import TrainConfig, make_optimizer, step  # noqa: E402
+from training.config import TrainConfig
+from training.loop import make_optimizer, step  # noqa: E402
 
 REF_BATCH = 32
 WARMUP = 256  # images run through each pipeline before timing starts

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from datasets import ForgetSpec, RawData, load_raw
-from train import train_checkpoint
-from training import TrainConfig
+from training.config import TrainConfig
+from training.recipe import train_checkpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

@@ -24,13 +24,13 @@ import pytest
 import torch
 from conftest import REPO_ROOT
 
-from config import ExperimentConfig, OptimizerConfig, load_experiments, parse_experiment
-from errors import UserError
-from mask import SaliencyMask
+from core.errors import UserError
 from methods import METHODS, GAArgs, NoArgs
 from models import build_model
-from runner import Runner
-from training import TrainConfig
+from running.config import ExperimentConfig, OptimizerConfig, load_experiments, parse_experiment
+from running.runner import Runner
+from training.config import TrainConfig
+from training.mask import SaliencyMask
 
 CKPT = {"dataset": "mnist5k", "epochs": 1}  # trained on demand: must never happen here
 GOOD = {"checkpoint": CKPT, "class_to_forget": 3, "method": "rl_split"}
@@ -448,7 +448,7 @@ def cli_case(root: Path, name: str, data_dir: Path) -> tuple[list[str], tuple[Pa
 
 
 def in_process(argv: list[str], dirs: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> Run:
-    import main
+    from cli import main
 
     capsys.readouterr()
     try:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import Tensor
 
+from core.errors import UserError
 from datasets import (
     DATASETS,
     DeviceData,
@@ -26,7 +27,6 @@ from datasets import (
     read_index_file,
     write_index_file,
 )
-from errors import UserError
 
 POOL = 4000  # mnist5k's training pool
 N_TEST = 1000

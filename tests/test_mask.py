@@ -19,13 +19,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from ckpt import load_checkpoint
-from config import ExperimentConfig, OptimizerConfig
+from core.errors import UserError
 from datasets import DeviceData, ForgetSpec, RawData, Split, make_split
-from errors import UserError
-from mask import MaskGuard, SaliencyMask
 from methods import METHODS, Trainer, UnlearnData, copy_model
 from models import build_model
+from running.config import ExperimentConfig, OptimizerConfig
+from training.checkpoints import load_checkpoint
+from training.mask import MaskGuard, SaliencyMask
 
 MASKED = [name for name, spec in METHODS.items() if spec.supports_mask]
 # the core methods take plain Trainer steps over all weights: most unmasked weights must move

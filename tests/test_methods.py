@@ -21,16 +21,17 @@ import pytest
 import torch
 from torch import nn
 
-import config
 import methods
-from challenge import challenge_loaders, register_challenge_method
-from ckpt import load_checkpoint
+from core.errors import UserError
 from datasets import DeviceData, ForgetSpec, RawData, Split, make_forget_spec, make_split
-from errors import UserError
-from mask import SaliencyMask
 from models import build_model
-from train import train_checkpoint
-from training import TrainConfig, eval_accuracy
+from running import config
+from training.checkpoints import load_checkpoint
+from training.config import TrainConfig
+from training.loop import eval_accuracy
+from training.mask import SaliencyMask
+from training.recipe import train_checkpoint
+from unlearning.kit import challenge_loaders, register_challenge_method
 
 FORGET_MAX = 0.30  # forget accuracy after unlearning must be below this (base: ~0.96)
 TEST_MARGIN = 0.10  # test accuracy on the retained classes may drop at most 10 points

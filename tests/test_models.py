@@ -9,15 +9,15 @@ import pytest
 import torch
 from torch import nn
 
-from ckpt import (
+from core.errors import UserError
+from models import MODELS, build_model, features
+from training.checkpoints import (
     checkpoint_exists,
     forget_indices_of,
     load_checkpoint,
     read_meta,
     save_checkpoint,
 )
-from errors import UserError
-from models import MODELS, build_model, features
 
 LENET_PARAMS = {
     "block1.0.weight",

@@ -22,11 +22,11 @@ import torch
 from conftest import REPO_ROOT
 from safetensors.torch import load_file
 
-import main as main_mod
-from config import parse_experiment
-from mask import SaliencyMask
-from runner import Runner
-from wandb_log import WandbLogger
+from cli import main as main_mod
+from running.config import parse_experiment
+from running.runner import Runner
+from running.wandb_log import WandbLogger
+from training.mask import SaliencyMask
 
 CHEAP = {"class_to_forget": 3, "method": "ga_small", "epochs": 1, "lr": 0.001}
 
@@ -396,7 +396,7 @@ def test_wandb_disabled_logs_nothing(tmp_path: Path) -> None:
 
 
 def test_wandb_config_never_carries_secrets() -> None:
-    from wandb_log import _scrub
+    from running.wandb_log import _scrub
 
     cfg = {"lr": 0.1, "WANDB_API_KEY": "k", "nested": {"my_token": "t", "ok": [{"password": 1}]}}
     assert _scrub(cfg) == {"lr": 0.1, "nested": {"ok": [{}]}}

@@ -17,23 +17,27 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from conftest import REPO_ROOT
 from torch import nn
 
-import config
 import methods
 import metrics as M
-import train
-from ckpt import load_checkpoint, read_meta
+from core.errors import UserError
 from datasets import DeviceData, ForgetSpec, RawData, make_forget_spec, make_split
-from errors import UserError
-from runner import Runner
-from training import TrainConfig
+from running import config
+from running.runner import Runner
+from training.checkpoints import load_checkpoint, read_meta
+from training.config import TrainConfig
+from training.recipe import train_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -133,8 +137,13 @@ def as_set(t: torch.Tensor) -> set[int]:
 def test_train_py_classes_trains_on_exactly_the_subset(
     mnist5k: RawData, tmp_path: Path, data_dir: Path
 ) -> None:
-    path = train.main(["--classes", "2,0,5", "--epochs", "1", "--data-dir", str(data_dir),
-                       "--out", str(tmp_path)])  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--classes", "2,0,5", "--epochs", "1", "--data-dir",
+         str(data_dir), "--out", str(tmp_path)],
+        cwd=REPO_ROOT, capture_output=True, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"},
+        check=True,
+    )  # fmt: skip
+    path = Path(json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"])
     assert path.name == "lenet_mnist5k-c0-2-5_base_s0.safetensors"
     meta = read_meta(path)
     assert meta["split"]["classes"] == [0, 2, 5] and meta["train"]["classes"] == [0, 2, 5]
@@ -271,7 +280,7 @@ def lenet_base(
     tmp_path_factory: pytest.TempPathFactory, mnist5k: RawData
 ) -> tuple[nn.Module, dict[str, Any]]:
     recipe = TrainConfig(model="lenet", dataset="mnist5k", epochs=5, seed=0)
-    path = train.train_checkpoint(recipe, ForgetSpec(), tmp_path_factory.mktemp("ck"),
+    path = train_checkpoint(recipe, ForgetSpec(), tmp_path_factory.mktemp("ck"),
                                   device=torch.device("cpu"), raw=mnist5k, quiet=True)  # fmt: skip
     model, meta = load_checkpoint(path)
     return model.eval(), meta

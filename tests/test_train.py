@@ -26,14 +26,15 @@ from conftest import REPO_ROOT, TINY
 from safetensors.torch import load_file
 from torch import Tensor
 
-import train as train_mod
-import training
-from ckpt import load_checkpoint, read_meta
+from core.errors import UserError
 from datasets import DeviceData, ForgetSpec, RawData, make_forget_spec, make_split
-from errors import UserError
 from models import build_model
-from train import checkpoint_stem, train_checkpoint
-from training import TrainConfig, eval_accuracy, fit
+from training import loop as training
+from training import recipe as train_mod
+from training.checkpoints import load_checkpoint, read_meta
+from training.config import TrainConfig
+from training.loop import eval_accuracy, fit
+from training.recipe import checkpoint_stem, train_checkpoint
 
 CPU = torch.device("cpu")
 CLI_ENV = os.environ | {"OMP_NUM_THREADS": "1"}  # see conftest: tiny models, shared cores
@@ -43,7 +44,7 @@ import json, os, runpy, sys, traceback
 
 repo, cases_file = sys.argv[1], sys.argv[2]
 sys.path.insert(0, repo)
-import train  # noqa: F401  -- the slow imports happen once, before forking
+import training.recipe  # noqa: F401  -- the slow imports happen once, before forking
 
 cases = json.loads(open(cases_file).read())
 codes = {}

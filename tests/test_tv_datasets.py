@@ -28,8 +28,8 @@ import scipy.io
 import torch
 from torchvision import datasets as tvd
 
-import tv_datasets
-from tv_datasets import TV_LOADERS, DatasetUnavailable
+from loaders import torchvision_files as tv_datasets
+from loaders.torchvision_files import TV_LOADERS, DatasetUnavailable
 
 N_TRAIN = 20
 N_TEST = 10

@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import main as main_mod
-import plots as P
-import tsne_vis as T
-import wasserstein as W
-from feature_extraction import extract_features, load_features, load_index
-from report import log_figures, write_report
+from analysis import plots as P
+from analysis import tsne as T
+from analysis import wasserstein as W
+from analysis.features import extract_features, load_features, load_index
+from analysis.report import log_figures, write_report
+from cli import main as main_mod
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mask import SaliencyMask
+from training.mask import SaliencyMask
 
 
 def allowed_mask(model: nn.Module, cfg: Any, mask: SaliencyMask | None) -> SaliencyMask | None:

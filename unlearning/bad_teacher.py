@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from errors import UserError
-from mask import SaliencyMask
+from core.errors import UserError
 from methods import Trainer, UnlearnData, copy_model, register, run_epochs
 from models import build_model
+from training.mask import SaliencyMask
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from errors import UserError
-from mask import SaliencyMask
+from core.errors import UserError
 from methods import Trainer, UnlearnData, register, run_epochs
+from training.mask import SaliencyMask
 
 SCORES = ("taylor", "grad")
 

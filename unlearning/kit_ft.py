@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn, optim
 
-from challenge import register_challenge_method
-from errors import UserError
+from core.errors import UserError
+from unlearning.kit import register_challenge_method
 
 
 @dataclass(frozen=True)

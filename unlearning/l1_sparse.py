@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from errors import UserError
-from mask import SaliencyMask
+from core.errors import UserError
 from methods import Trainer, UnlearnData, ce, register, run_epochs
+from training.mask import SaliencyMask
 
 
 @dataclass(frozen=True)

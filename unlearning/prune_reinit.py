@@ -36,9 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from errors import UserError
-from mask import SaliencyMask
+from core.errors import UserError
 from methods import Trainer, UnlearnData, register, run_epochs
+from training.mask import SaliencyMask
 from unlearning._constraints import allowed, allowed_mask
 
 

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from errors import UserError
-from mask import SaliencyMask
+from core.errors import UserError
 from methods import Trainer, UnlearnData, register, run_epochs
+from training.mask import SaliencyMask
 
 
 @dataclass(frozen=True)

@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from errors import UserError
-from mask import SaliencyMask
+from core.errors import UserError
 from methods import UnlearnData, register
-from training import eval_accuracy
+from training.loop import eval_accuracy
+from training.mask import SaliencyMask
 from unlearning._constraints import allowed, allowed_mask
 
 

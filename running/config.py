@@ -17,8 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from errors import UserError, did_you_mean
-from training import SCHEDULES, TrainConfig
+from core.errors import UserError, did_you_mean
+from datasets import dataset_info
+from models import MODELS, build_model
+from training.checkpoints import checkpoint_exists
+from training.config import SCHEDULES, TrainConfig
+from unlearning import method_spec
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -191,9 +195,6 @@ def _check_names(cfg: TrainConfig, where: str) -> None:
     """The dataset and model of a checkpoint object exist, so a typo fails before any training."""
     import timm
 
-    from datasets import dataset_info
-    from models import MODELS, build_model
-
     try:
         dataset_info(cfg.dataset)
     except UserError as e:
@@ -207,7 +208,6 @@ def _check_names(cfg: TrainConfig, where: str) -> None:
 
 def parse_experiment(obj: Any, where: str) -> ExperimentConfig:
     """Parse and check one experiment object (everything that does not need the data)."""
-    from methods import method_spec
 
     if not isinstance(obj, dict):
         raise UserError(f"{where}an experiment must be a JSON object, got {type(obj).__name__}")
@@ -238,7 +238,6 @@ def parse_experiment(obj: Any, where: str) -> ExperimentConfig:
 
 
 def check_experiment(cfg: ExperimentConfig, where: str) -> None:
-    from methods import method_spec
 
     def bad(key: str, allowed: str) -> UserError:
         return UserError(f"{where}key '{key}': {getattr(cfg, key)!r} is invalid; {allowed}")
@@ -297,7 +296,6 @@ def check_experiment(cfg: ExperimentConfig, where: str) -> None:
 
 
 def _checkpoint_exists(path: str) -> bool:
-    from ckpt import checkpoint_exists
 
     return checkpoint_exists(path)
 

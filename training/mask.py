@@ -18,9 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from core.errors import UserError
 from datasets import DeviceData
-from errors import UserError
-from metrics import name_under
+from models import name_under
 
 
 class SaliencyMask:

@@ -9,7 +9,7 @@ yielding ``(images, labels)`` batches. :func:`register_challenge_method` wraps s
 into this project's method signature ``fn(model, ctx, cfg, mask) -> model`` and registers it in
 ``methods.METHODS``, so the runner, the experiment files and the tests use it unchanged::
 
-    from challenge import register_challenge_method
+    from unlearning.kit import register_challenge_method
 
     def unlearning(net, retain_loader, forget_loader, val_loader):
         ...  # kit code, unchanged
@@ -47,10 +47,14 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
+from datasets import random_crop, random_flip
+from methods import NoArgs, register
+from unlearning._constraints import allowed_mask, restore_disallowed
+
 if TYPE_CHECKING:
     from datasets import DeviceData
-    from mask import SaliencyMask
     from methods import UnlearnData
+    from training.mask import SaliencyMask
 
 KitFunction = Callable[..., Any]
 
@@ -74,7 +78,6 @@ class PoolBatches(Dataset):
         return len(self.idx)
 
     def __getitem__(self, positions: list[int]) -> tuple[Tensor, Tensor]:
-        from datasets import random_crop, random_flip
 
         bi = self.idx[torch.as_tensor(positions, device=self.data.device)]
         x = self.data.x["train"][bi]
@@ -132,10 +135,8 @@ def register_challenge_method(
     description. Returns ``fn`` unchanged, so it can also be used as a decorator through
     :func:`challenge_method`.
     """
-    from methods import NoArgs, register
 
     def method(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
-        from unlearning._constraints import allowed_mask, restore_disallowed
 
         limit = allowed_mask(model, cfg, mask)
         before: dict[str, Tensor] = {}

@@ -18,8 +18,9 @@ import torch
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from datasets import atomic_write_text, write_index_file
-from errors import UserError
+from core.errors import UserError
+from core.io import atomic_write_text
+from datasets import write_index_file
 from models import build_model
 
 
