@@ -19,6 +19,7 @@ from typing import Any
 
 from core.errors import UserError, did_you_mean
 from datasets import dataset_info
+from methods import OptimizerSettings, Settings
 from models import MODELS, build_model
 from training.checkpoints import checkpoint_exists
 from training.config import SCHEDULES, TrainConfig
@@ -89,6 +90,19 @@ class ExperimentConfig:
         elif self.replace_class is not None:
             parts.append(f"rp{self.replace_class.get('old')}by{self.replace_class.get('new')}")
         return "_".join(parts)
+
+    def settings(self) -> Settings:
+        """What the method receives: shared training settings plus its own arguments."""
+        o = self.optimizer
+        return Settings(
+            method=self.method,
+            lr=self.lr,
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer=OptimizerSettings(o.name, o.momentum, o.weight_decay, o.schedule),
+            frozen=tuple(self.frozen),
+            args=self.method_args,
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

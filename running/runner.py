@@ -36,7 +36,7 @@ from datasets import (
     make_split,
 )
 from evaluation.replacement import relabelled, replacement_metrics
-from methods import UnlearnData, copy_model
+from methods import MethodContext, Monitor, copy_model
 from models import build_model
 from running.config import ExperimentConfig
 from running.tables import summarize, to_csv, to_markdown
@@ -332,10 +332,11 @@ class Runner:
         torch.manual_seed(seed)
         model = copy.deepcopy(base).train()
         original = copy_model(base)
-        ctx = UnlearnData(data, split, seed, original, base_meta, quiet=self.quiet)
+        recipe = TrainConfig.from_json(base_meta["train"])
+        ctx = MethodContext(data, split, seed, original, recipe, base_meta["model"])
         run_name = f"{job.folder}_s{seed}"
         self.wandb.start(run_name, job.folder, cfg.to_json() | {"seed": seed})
-        ctx.log = self.wandb.log
+        monitor = Monitor(self.wandb.log, quiet=self.quiet)
 
         start = time.perf_counter()
         mask = None
@@ -345,9 +346,9 @@ class Runner:
             mask = SaliencyMask.compute(model, data, split.forget, cfg.mask_thr, cfg.batch_size)
         mask_seconds = time.perf_counter() - start
         spec_m = method_spec(cfg.method)
-        model = spec_m.fn(model, ctx, cfg, mask)
+        model = spec_m.fn(model, ctx, cfg.settings(), mask, monitor)
         # the per-epoch monitoring is bookkeeping, not unlearning work
-        unlearn_seconds = time.perf_counter() - start - ctx.monitor_seconds
+        unlearn_seconds = time.perf_counter() - start - monitor.excluded_seconds
         model.eval()
 
         eval_start = time.perf_counter()

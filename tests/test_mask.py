@@ -21,7 +21,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from core.errors import UserError
 from datasets import DeviceData, ForgetSpec, RawData, Split, make_split
-from methods import METHODS, Trainer, UnlearnData, copy_model
+from methods import METHODS, MethodContext, Monitor, Trainer, copy_model
 from models import build_model
 from running.config import ExperimentConfig, OptimizerConfig
 from training.checkpoints import load_checkpoint
@@ -101,8 +101,8 @@ def unlearn(
     base, meta = fresh(tiny_base)
     model = model if model is not None else base
     torch.manual_seed(0)
-    ctx = UnlearnData(data, split, 0, copy_model(model), meta, quiet=True)
-    return METHODS[method].fn(model, ctx, cfg, mask)
+    ctx = MethodContext.from_sidecar(data, split, 0, copy_model(model), meta)
+    return METHODS[method].fn(model, ctx, cfg.settings(), mask, Monitor())
 
 
 # ------------------------------------------------------------------ the guard, every method

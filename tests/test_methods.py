@@ -104,8 +104,8 @@ def run_tiny(name: str, tiny: Any, mask: SaliencyMask | None = None, **kw: Any) 
     cfg = experiment(name, epochs=1, batch_size=32, **kw)
     torch.manual_seed(0)
     model = copy.deepcopy(base).train()
-    ctx = methods.UnlearnData(data, split, 0, methods.copy_model(base), meta, quiet=True)
-    return methods.METHODS[name].fn(model, ctx, cfg, mask)
+    ctx = methods.MethodContext.from_sidecar(data, split, 0, methods.copy_model(base), meta)
+    return methods.METHODS[name].fn(model, ctx, cfg.settings(), mask, methods.Monitor())
 
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
@@ -168,8 +168,10 @@ def test_baseline_forgets_class_7(name: str, trained: Any) -> None:
     assert base_forget > 0.9  # the base model knows the class it must forget
     cfg = experiment(name, **FORGET_CASES[name])
     torch.manual_seed(0)
-    ctx = methods.UnlearnData(data, split, 0, methods.copy_model(base), meta, quiet=True)
-    out = methods.METHODS[name].fn(copy.deepcopy(base).train(), ctx, cfg, None)
+    ctx = methods.MethodContext.from_sidecar(data, split, 0, methods.copy_model(base), meta)
+    out = methods.METHODS[name].fn(
+        copy.deepcopy(base).train(), ctx, cfg.settings(), None, methods.Monitor()
+    )
     forget, test = accuracies(out, data, split)
     assert forget < FORGET_MAX, f"{name}: forget acc {forget:.3f} (base {base_forget:.3f})"
     assert test > base_test - TEST_MARGIN, f"{name}: test acc {test:.3f} (base {base_test:.3f})"
@@ -204,7 +206,7 @@ def test_unknown_method_arg_is_a_user_error() -> None:
 
 def test_challenge_loaders_are_seeded_dataloaders(tiny: Any) -> None:
     data, split, base, meta = tiny
-    ctx = methods.UnlearnData(data, split, 0, methods.copy_model(base), meta, quiet=True)
+    ctx = methods.MethodContext.from_sidecar(data, split, 0, methods.copy_model(base), meta)
     retain, forget, val = challenge_loaders(ctx, 20)
     assert isinstance(retain, torch.utils.data.DataLoader)
     assert (len(retain), len(forget), len(val)) == (3, 1, 1)
@@ -231,7 +233,7 @@ def test_challenge_loaders_are_seeded_dataloaders(tiny: Any) -> None:
     assert positions(retain) != first  # every pass reshuffles
     assert set(torch.cat([y for _, y in forget]).tolist()) == {7}
     # a new run with the same seed repeats the order
-    ctx2 = methods.UnlearnData(data, split, 0, methods.copy_model(base), meta, quiet=True)
+    ctx2 = methods.MethodContext.from_sidecar(data, split, 0, methods.copy_model(base), meta)
     assert positions(challenge_loaders(ctx2, 20)[0]) == first
 
 

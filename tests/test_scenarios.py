@@ -83,7 +83,7 @@ def touch_fc2() -> Iterator[str]:
     """A test-only method that ignores the rules: it edits fc2's weights directly."""
     name = "_test_touch_fc2"
 
-    def touch(model: nn.Module, ctx: Any, cfg: Any, mask: Any = None) -> nn.Module:
+    def touch(model: nn.Module, ctx: Any, cfg: Any, mask: Any, monitor: Any) -> nn.Module:
         with torch.no_grad():
             model.fc2.weight[0, 0] += 1.0
         return model
@@ -296,9 +296,13 @@ def test_uniform_forget_scores_at_least_90(
     data = DeviceData(mnist5k)
     split = make_split(mnist5k, make_forget_spec(cls))
     original = methods.copy_model(base)
-    ctx = methods.UnlearnData(data, split, 0, original, meta, quiet=True)
+    ctx = methods.MethodContext.from_sidecar(data, split, 0, original, meta)
     torch.manual_seed(0)
-    model = methods.METHODS[exp.method].fn(copy.deepcopy(base).train(), ctx, exp, None).eval()
+    model = (
+        methods.METHODS[exp.method]
+        .fn(copy.deepcopy(base).train(), ctx, exp.settings(), None, methods.Monitor())
+        .eval()
+    )
 
     def outs(idx: torch.Tensor) -> M.Outputs:
         return M.collect_outputs(model, data.batches(idx, 512))

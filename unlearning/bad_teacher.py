@@ -12,14 +12,13 @@ KL is averaged per sample, ``batchmean``, rather than per logit).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from methods import Trainer, UnlearnData, copy_model, register, run_epochs
+from methods import MethodContext, Monitor, Settings, Trainer, copy_model, register, run_epochs
 from models import build_model
 from training.mask import SaliencyMask
 
@@ -38,19 +37,21 @@ class BadTeacherArgs:
             )
 
 
-def incompetent_teacher(ctx: UnlearnData) -> nn.Module:
+def incompetent_teacher(ctx: MethodContext) -> nn.Module:
     """A randomly initialised model of the base architecture, seeded with the run's seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)
         raw = ctx.data.raw
-        model = build_model(ctx.base_meta["model"], raw.num_classes, raw.in_chans)
+        model = build_model(ctx.base_model, raw.num_classes, raw.in_chans)
     return copy_model(model.to(ctx.device))
 
 
 @register("bad_teacher", args=BadTeacherArgs)
-def bad_teacher(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+def bad_teacher(
+    model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
+):
     """Competent teacher on retain, random teacher on forget (Chundawat et al., AAAI 2023)."""
-    a = cfg.method_args
+    a = cfg.args
     good, bad = ctx.original, incompetent_teacher(ctx)
     T = a.temperature
     retain = ctx.split.retain
@@ -67,4 +68,4 @@ def bad_teacher(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask
     def epoch(tr: Trainer, _: int) -> dict[str, float]:
         return {"kl": tr.pass_over(ctx.batches(mixed, cfg.batch_size), loss_fn)}
 
-    return run_epochs(model, ctx, cfg, mask, epoch)
+    return run_epochs(model, ctx, cfg, mask, monitor, epoch)

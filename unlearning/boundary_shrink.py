@@ -12,14 +12,13 @@ with cross-entropy on the forget set with these labels. Only the forget set is u
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from methods import Trainer, UnlearnData, ce, register, run_epochs
+from methods import MethodContext, Monitor, Settings, Trainer, ce, register, run_epochs
 from training.mask import SaliencyMask
 
 
@@ -49,9 +48,11 @@ def nearest_wrong_label(net: nn.Module, x: Tensor, y: Tensor, eps: float, steps:
 
 
 @register("boundary_shrink", args=BoundaryShrinkArgs)
-def boundary_shrink(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+def boundary_shrink(
+    model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
+):
     """Fine-tune forget on nearest-wrong-class labels from an attack (Chen et al., CVPR 2023)."""
-    a = cfg.method_args
+    a = cfg.args
     original = ctx.original
 
     def loss_fn(x: Tensor, y: Tensor, _: Tensor) -> Tensor:
@@ -60,4 +61,4 @@ def boundary_shrink(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: Saliency
     def epoch(tr: Trainer, _: int) -> dict[str, float]:
         return {"forget_loss": tr.pass_over(ctx.batches(ctx.split.forget, cfg.batch_size), loss_fn)}
 
-    return run_epochs(model, ctx, cfg, mask, epoch)
+    return run_epochs(model, ctx, cfg, mask, monitor, epoch)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from core.errors import UserError
-from methods import Trainer, UnlearnData, register, run_epochs
+from methods import MethodContext, Monitor, Settings, Trainer, register, run_epochs
 from training.mask import SaliencyMask
 
 SCORES = ("taylor", "grad")
@@ -58,7 +57,7 @@ class FreezeSalientArgs:
 
 
 def involvement_mask(
-    model: nn.Module, ctx: UnlearnData, keep: float, score: str, frozen: list[str], bs: int
+    model: nn.Module, ctx: MethodContext, keep: float, score: str, frozen: list[str], bs: int
 ) -> SaliencyMask:
     """Keep the `keep` fraction of weights most involved in the forget set's predictions."""
     was_training = model.training
@@ -96,9 +95,11 @@ def penalty_old(logits: Tensor, y: Tensor) -> Tensor:
 
 
 @register("freeze_salient", args=FreezeSalientArgs)
-def freeze_salient(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+def freeze_salient(
+    model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
+):
     """Train only the weights most involved in the old class: favour new, penalise old."""
-    a: FreezeSalientArgs = cfg.method_args
+    a: FreezeSalientArgs = cfg.args
     split = ctx.split
     if len(split.forget) == 0:
         raise UserError("freeze_salient: the forget set is empty")
@@ -143,4 +144,4 @@ def freeze_salient(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyM
             n += 1
         return {k: v / max(n, 1) for k, v in stats.items()}
 
-    return run_epochs(model, ctx, cfg, full, epoch)
+    return run_epochs(model, ctx, cfg, full, monitor, epoch)

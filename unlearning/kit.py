@@ -48,12 +48,12 @@ from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
 from datasets import random_crop, random_flip
-from methods import NoArgs, register
+from methods import Monitor, NoArgs, Settings, register
 from unlearning._constraints import allowed_mask, restore_disallowed
 
 if TYPE_CHECKING:
     from datasets import DeviceData
-    from methods import UnlearnData
+    from methods import MethodContext
     from training.mask import SaliencyMask
 
 KitFunction = Callable[..., Any]
@@ -106,7 +106,7 @@ def _as_is(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
 
 
 def challenge_loaders(
-    ctx: UnlearnData, batch_size: int, augment: bool = False
+    ctx: MethodContext, batch_size: int, augment: bool = False
 ) -> tuple[DataLoader, DataLoader, DataLoader]:
     """The kit's ``retain_loader, forget_loader, val_loader`` for this run."""
     seeds = torch.randint(0, 2**62, (3,), generator=ctx.generator).tolist()
@@ -136,7 +136,13 @@ def register_challenge_method(
     :func:`challenge_method`.
     """
 
-    def method(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+    def method(
+        model: nn.Module,
+        ctx: MethodContext,
+        cfg: Settings,
+        mask: SaliencyMask | None,
+        monitor: Monitor,
+    ):
 
         limit = allowed_mask(model, cfg, mask)
         before: dict[str, Tensor] = {}
@@ -148,7 +154,7 @@ def register_challenge_method(
                     before[n] = p.detach().clone()
                     hooks.append(p.register_hook(lambda g, m=m: g * m))
         retain, forget, val = challenge_loaders(ctx, cfg.batch_size, augment)
-        kwargs = dataclasses.asdict(cfg.method_args) if args is not None else {}
+        kwargs = dataclasses.asdict(cfg.args) if args is not None else {}
         try:
             out = fn(model, retain, forget, val, **kwargs)
         finally:

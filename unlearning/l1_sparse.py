@@ -10,13 +10,12 @@ The penalty covers every parameter, as their ``l1_regularization`` does.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from core.errors import UserError
-from methods import Trainer, UnlearnData, ce, register, run_epochs
+from methods import MethodContext, Monitor, Settings, Trainer, ce, register, run_epochs
 from training.mask import SaliencyMask
 
 
@@ -37,9 +36,11 @@ def l1_norm(model: nn.Module) -> Tensor:
 
 
 @register("l1_sparse", args=L1SparseArgs)
-def l1_sparse(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+def l1_sparse(
+    model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
+):
     """Fine-tune on retain with a linearly decaying L1 penalty (Jia et al., NeurIPS 2023)."""
-    alpha = cfg.method_args.alpha
+    alpha = cfg.args.alpha
 
     def epoch(tr: Trainer, e: int) -> dict[str, float]:
         a = alpha * (1 - (e - 1) / cfg.epochs)
@@ -49,4 +50,4 @@ def l1_sparse(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask |
         )
         return {"loss": loss, "l1_alpha": a}
 
-    return run_epochs(model, ctx, cfg, mask, epoch)
+    return run_epochs(model, ctx, cfg, mask, monitor, epoch)

@@ -26,18 +26,16 @@ re-drawn; the others keep their values, and the fine-tuning guard keeps them the
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from methods import Trainer, UnlearnData, register, run_epochs
+from methods import MethodContext, Monitor, Settings, Trainer, register, run_epochs
 from training.mask import SaliencyMask
 from unlearning._constraints import allowed, allowed_mask
 
@@ -105,20 +103,21 @@ def entropy(logits: Tensor) -> Tensor:
 
 
 @register("prune_reinit", args=PruneReinitArgs)
-def prune_reinit(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+def prune_reinit(
+    model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
+):
     """Prune 99.5%, re-initialise, fine-tune with entropy matching (NeurIPS 2023 starter kit)."""
-    a = cfg.method_args
+    a = cfg.args
     original = ctx.original
     prune_and_reinit(model, a.amount, allowed_mask(model, cfg, mask), ctx.generator)
 
-    retain_y = ctx.data.y["train"][ctx.split.retain.to(ctx.device)]
+    retain_y = ctx.labels(ctx.split.retain)
     counts = torch.bincount(retain_y, minlength=ctx.num_classes).float().clamp_min(1)
     class_weights = counts**a.class_weight_power
 
     steps_per_epoch = ctx.data.num_batches(len(ctx.split.retain), cfg.batch_size)
     budget_epochs = a.budget_epochs or cfg.epochs
     budget = int(steps_per_epoch * budget_epochs)
-    run_cfg = dataclasses.replace(cfg, epochs=math.ceil(budget_epochs))
 
     def loss_fn(x: Tensor, y: Tensor, _: Tensor) -> Tensor:
         with torch.no_grad():
@@ -132,4 +131,4 @@ def prune_reinit(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMas
         batches = ctx.batches(ctx.split.retain, cfg.batch_size)
         return {"loss": tr.pass_over(islice(batches, max(budget - tr.steps, 0)), loss_fn)}
 
-    return run_epochs(model, ctx, run_cfg, mask, epoch)
+    return run_epochs(model, ctx, cfg, mask, monitor, epoch, epochs=math.ceil(budget_epochs))

@@ -16,14 +16,13 @@ The max step is unbounded: on LeNet (unnormalised linear layers) SGD makes the l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from methods import Trainer, UnlearnData, register, run_epochs
+from methods import MethodContext, Monitor, Settings, Trainer, register, run_epochs
 from training.mask import SaliencyMask
 
 
@@ -58,9 +57,11 @@ def distill_kl(student: Tensor, teacher: Tensor, T: float) -> Tensor:
 
 
 @register("scrub", args=SCRUBArgs)
-def scrub(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+def scrub(
+    model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
+):
     """Teacher-student max steps on forget, min steps on retain (Kurmanji et al., NeurIPS 2023)."""
-    a = cfg.method_args
+    a = cfg.args
     teacher = ctx.original
     fbs = a.forget_batch_size or cfg.batch_size
 
@@ -83,4 +84,4 @@ def scrub(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | Non
         stats["retain_loss"] = tr.pass_over(ctx.batches(ctx.split.retain, cfg.batch_size), min_loss)
         return stats
 
-    return run_epochs(model, ctx, cfg, mask, epoch)
+    return run_epochs(model, ctx, cfg, mask, monitor, epoch)

@@ -14,17 +14,14 @@ mask and the ``frozen`` prefixes restrict which weights may be dampened.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from methods import UnlearnData, register
-from training.loop import eval_accuracy
+from methods import MethodContext, Monitor, Settings, register
 from training.mask import SaliencyMask
 from unlearning._constraints import allowed, allowed_mask
 
@@ -45,7 +42,7 @@ class SSDArgs:
 
 
 def fisher_diagonal(
-    model: nn.Module, ctx: UnlearnData, idx: Tensor, batch_size: int
+    model: nn.Module, ctx: MethodContext, idx: Tensor, batch_size: int
 ) -> dict[str, Tensor]:
     """Mean over batches of the squared gradient of the batch's mean cross-entropy."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -63,9 +60,11 @@ def fisher_diagonal(
 
 
 @register("ssd", args=SSDArgs)
-def ssd(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+def ssd(
+    model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
+):
     """Selective Synaptic Dampening, no gradient steps (Foster et al., AAAI 2024)."""
-    a = cfg.method_args
+    a = cfg.args
     was_training = model.training
     model.eval()
     imp_f = fisher_diagonal(model, ctx, ctx.split.forget, cfg.batch_size)
@@ -83,13 +82,5 @@ def ssd(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None 
             dampened += int(select.sum())
             total += p.numel()
     model.train(was_training)
-    row = {
-        "dampened": dampened / max(total, 1),
-        "forget_acc": eval_accuracy(model, ctx.data, ctx.split.forget),
-        "val_acc": eval_accuracy(model, ctx.data, ctx.split.val),
-    }
-    if not ctx.quiet:
-        print("    ssd " + "  ".join(f"{k} {v:.4f}" for k, v in row.items()), file=sys.stderr)
-    if ctx.log is not None:
-        ctx.log(row)
+    monitor.epoch(cfg.method, model, ctx, {"dampened": dampened / max(total, 1)})
     return model

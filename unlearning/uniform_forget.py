@@ -31,14 +31,13 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from core.errors import UserError
-from methods import Trainer, UnlearnData, register, run_epochs
+from methods import MethodContext, Monitor, Settings, Trainer, register, run_epochs
 from training.mask import SaliencyMask
 
 
@@ -90,9 +89,11 @@ def project_l2(params: list[tuple[nn.Parameter, Tensor]], radius: float, tr: Tra
 
 
 @register("uniform_forget", args=UniformForgetArgs)
-def uniform_forget(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyMask | None = None):
+def uniform_forget(
+    model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
+):
     """KL to a near-uniform target on forget, CE on retain, projected onto an L2 ball."""
-    a: UniformForgetArgs = cfg.method_args
+    a: UniformForgetArgs = cfg.args
     nc = ctx.num_classes
     if nc < 2:
         raise UserError("uniform_forget needs at least two classes")
@@ -136,4 +137,4 @@ def uniform_forget(model: nn.Module, ctx: UnlearnData, cfg: Any, mask: SaliencyM
             n += 1
         return {"forget_kl": fl / max(n, 1), "retain_loss": rl / max(n, 1), "l2": dist}
 
-    return run_epochs(model, ctx, cfg, mask, epoch)
+    return run_epochs(model, ctx, cfg, mask, monitor, epoch)
