@@ -12,8 +12,11 @@ Test indices address the official test set.
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +24,15 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 
+from core import rng
 from core.errors import UserError, choices, did_you_mean
-from core.io import atomic_write_text
+from core.io import atomic_write_text, atomic_write_with
+from core.locks import locked
+from core.userfiles import read_json
 from loaders import torchvision_files as tv
 
 # Fixed seed of the train/test split of the datasets that ship without one (mnist5k, digits),
@@ -65,6 +73,56 @@ def dataset_info(name: str) -> DatasetInfo:
             f"valid datasets: {choices(DATASETS)}"
         )
     return DATASETS[name]
+
+
+def resolved_dataset_args(name: str, args: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """``args`` with every argument the dataset's loader takes filled in with its default.
+
+    ``{}`` and ``{"split": "balanced"}`` name the same EMNIST data, so they must give the same
+    cache name; an argument the loader does not take is a one-line error here, not a
+    TypeError deep inside loading.
+    """
+    params = list(inspect.signature(dataset_info(name).loader).parameters.values())[2:]
+    defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+    for key, value in args.items():
+        if key not in defaults:
+            allowed = f"allowed: {choices(defaults)}" if defaults else "it takes none"
+            raise UserError(
+                f"{where}dataset_args: '{key}' = {value!r} is not an argument of dataset "
+                f"'{name}'{did_you_mean(key, defaults)}; {allowed}"
+            )
+    return defaults | args
+
+
+UNLABELED = "unlabeled_x"  # RawData.extra key of a dataset's unlabeled images
+
+
+def has_unlabeled(name: str) -> bool:
+    """Whether the dataset's loader can add unlabeled images (``unlabeled=True``: STL-10)."""
+    return "unlabeled" in inspect.signature(dataset_info(name).loader).parameters
+
+
+# The values a dataset argument may take where its loader accepts only some (torchvision's
+# EMNIST.splits), so a typo fails before any download rather than as a loader's ValueError.
+DATASET_ARG_VALUES: dict[str, dict[str, tuple[Any, ...]]] = {
+    "emnist": {"split": ("byclass", "bymerge", "balanced", "letters", "digits", "mnist")},
+}
+
+
+def check_dataset_args(name: str, args: dict[str, Any], where: str = "") -> None:
+    """Every argument is one the dataset's loader takes, of its default's type, and one of the
+    declared values where the loader accepts only some."""
+    defaults = resolved_dataset_args(name, args, where)
+    for key, value in args.items():
+        allowed = DATASET_ARG_VALUES.get(name, {}).get(key)
+        kind = type(defaults[key]) if key in defaults and defaults[key] is not None else None
+        if allowed is not None and value not in allowed:
+            want = f"use one of {', '.join(map(str, allowed))}{did_you_mean(str(value), allowed)}"
+        elif kind is not None and type(value) is not kind:
+            want = f"use a {kind.__name__} like the default {defaults[key]!r}"
+        else:
+            continue
+        raise UserError(f"{where}dataset_args: '{key}' = {value!r} is invalid; {want}")
 
 
 def _stratified_test_split(x: Tensor, y: Tensor, fraction: float, seed: int) -> dict[str, Tensor]:
@@ -189,21 +247,27 @@ def _channel_stats(x: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def load_raw(
     name: str, data_dir: Path | str | None = None, download: bool = True, **kwargs: Any
 ) -> RawData:
-    """Load a dataset by name, decoding it once and caching the tensors under data_dir/cache."""
+    """Load a dataset by name, decoding it once and caching the tensors under data_dir/cache.
+
+    The cache is a safetensors file whose metadata records a sha256 of its content; a cache
+    that is damaged, or not safetensors at all (an old pickle, which is never unpickled), is
+    reported in one line and rebuilt. One process builds it while the others wait (a lock
+    beside it), then read what it wrote.
+    """
     info = dataset_info(name)
     root = Path(data_dir) if data_dir is not None else default_data_dir()
     suffix = "".join(f"_{k}-{v}" for k, v in sorted(kwargs.items()))
-    cache = root / "cache" / f"{name}{suffix}.pt"
-    if cache.exists():
-        d = torch.load(cache, weights_only=True)
-    else:
-        d = info.loader(root, download, **kwargs)
-        d = {k: v for k, v in d.items()}
-        d["mean"], d["std"] = _channel_stats(d["train_x"])
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        torch.save(d, tmp)
-        os.replace(tmp, cache)
+    cache = root / "cache" / f"{name}{suffix}.safetensors"
+    d, problem = _read_cache(cache)
+    if d is None:
+        if problem is not None:
+            print(f"{cache}: {problem}; rebuilding", file=sys.stderr)
+        with locked(cache, f"building the dataset cache {cache}"):
+            d, _ = _read_cache(cache)  # another process may have built it while we waited
+            if d is None:
+                d = dict(info.loader(root, download, **kwargs))
+                d["mean"], d["std"] = _channel_stats(d["train_x"])
+                _write_cache(cache, d)
     base = {"train_x", "train_y", "test_x", "test_y", "classes", "mean", "std"}
     return RawData(
         name=name,
@@ -216,6 +280,50 @@ def load_raw(
         std=tuple(d["std"]),
         extra={k: v for k, v in d.items() if k not in base},
     )
+
+
+_CACHE_FIELDS = ("classes", "mean", "std")  # kept as JSON in the safetensors metadata
+
+
+def _content_sha256(tensors: dict[str, Tensor], fields: dict[str, str]) -> str:
+    h = hashlib.sha256(json.dumps(fields, sort_keys=True).encode())
+    for k in sorted(tensors):
+        t = tensors[k].contiguous()
+        h.update(json.dumps([k, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def _write_cache(cache: Path, d: dict[str, Any]) -> None:
+    tensors = {k: v.contiguous() for k, v in d.items() if k not in _CACHE_FIELDS}
+    fields = {k: json.dumps(list(d[k])) for k in _CACHE_FIELDS}
+    meta = fields | {"content_sha256": _content_sha256(tensors, fields)}
+    atomic_write_with(cache, lambda tmp: save_file(tensors, str(tmp), meta))
+
+
+def _read_cache(cache: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The cached tensors if the file is whole, else (None, why not); (None, None) if absent."""
+    if not cache.is_file():
+        return None, None
+    try:
+        with safe_open(str(cache), "pt") as f:
+            meta = f.metadata() or {}
+            # copied out of the memory map: a file changed in place later must not crash us
+            tensors = {k: f.get_tensor(k).clone() for k in f.keys()}  # noqa: SIM118
+    except Exception:  # safetensors raises its own error types for a bad header
+        return None, "not a whole safetensors file (truncated, or another format, never unpickled)"
+    fields = {k: meta[k] for k in _CACHE_FIELDS if k in meta}
+    if len(fields) < len(_CACHE_FIELDS) or "content_sha256" not in meta:
+        return None, "the cache records no content sha256"
+    if _content_sha256(tensors, fields) != meta["content_sha256"]:
+        return None, "the cached tensors do not match their recorded sha256"
+    shapes_ok = all(k in tensors for k in ("train_x", "train_y", "test_x", "test_y")) and all(
+        tensors[f"{s}_x"].dim() == 4 and tensors[f"{s}_y"].shape == tensors[f"{s}_x"].shape[:1]
+        for s in ("train", "test")
+    )
+    if not shapes_ok:
+        return None, "the cached tensors do not have the shapes of a dataset"
+    return tensors | {k: json.loads(v) for k, v in fields.items()}, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,23 +411,21 @@ def make_forget_spec(
 def read_index_file(path: str | Path) -> tuple[int, ...]:
     """Read a forget-index JSON: a plain list of training-pool indices (the seed's format)."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: forget-index file not found")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{p}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
-        ) from None
+    data = read_json(p, "a forget-index file", "not valid JSON (line {line}, column {col}: {msg})")
     if isinstance(data, dict) and "indices" in data:
         data = data["indices"]
     if not isinstance(data, list) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in data
     ):
         raise UserError(f"{p}: a forget-index file must be a JSON list of ints")
-    if len(set(data)) != len(data):
-        dup = next(i for i in data if data.count(i) > 1)
-        raise UserError(f"{p}: forget-index file lists index {dup} more than once")
+    huge = next((i for i in data if not -(2**31) <= i < 2**31), None)
+    if huge is not None:  # torch indexes with 64-bit integers; no pool is near 2**31
+        raise UserError(f"{p}: index {huge} is out of range; pool indices are 0 .. 2**31 - 1")
+    seen: set[int] = set()
+    for i in data:  # one pass: 60,000 indices must not take quadratic time
+        if i in seen:
+            raise UserError(f"{p}: forget-index file lists index {i} more than once")
+        seen.add(i)
     return tuple(sorted(data))
 
 
@@ -426,7 +532,7 @@ def make_split(
 
     The validation set depends only on the split seed, so a base model and every retrain
     oracle built from it share it. A random forget fraction is a share of the whole pool,
-    drawn with ``spec.seed`` from the samples outside validation.
+    drawn from the samples outside validation with ``core.rng.generator(spec.seed, "forget")``.
 
     ``classes`` restricts every set to samples of those classes (a model trained on a class
     subset): validation is carved from the whole pool as always and then restricted, so a
@@ -461,7 +567,8 @@ def make_split(
                 f"unlearning rate {spec.fraction} selects {n} of {n_pool} pool samples; "
                 f"it must select between 1 and {len(outside_val)}"
             )
-        g = torch.Generator().manual_seed(spec.seed)
+        # the forget draw's own stream: no other draw of the run seed shares its permutation
+        g = rng.generator(spec.seed, rng.FORGET)
         in_forget[outside_val[torch.randperm(len(outside_val), generator=g)[:n]]] = True
     elif spec.indices is not None:
         idx = torch.tensor(spec.indices, dtype=torch.long)
@@ -541,6 +648,10 @@ class DeviceData:
         self.device = torch.device(device)
         self.x = {"train": raw.train_x.to(self.device), "test": raw.test_x.to(self.device)}
         self.y = {"train": raw.train_y.to(self.device), "test": raw.test_y.to(self.device)}
+        if UNLABELED in raw.extra:  # loaded only when a recipe pretrains on it (STL-10)
+            extra = raw.extra[UNLABELED]
+            self.x["unlabeled"] = extra.to(self.device)
+            self.y["unlabeled"] = torch.full((len(extra),), -1, device=self.device)  # no labels
         c = raw.in_chans
         self.mean = torch.tensor(raw.mean, device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(raw.std, device=self.device).view(1, c, 1, 1)
@@ -558,9 +669,12 @@ class DeviceData:
         shuffle: bool = False,
         augment: bool = False,
         generator: torch.Generator | None = None,
+        aug_generator: torch.Generator | None = None,
     ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        """Yield (images, labels, indices); shuffling and augmentation draw from `generator`."""
-        if (shuffle or augment) and generator is None:
+        """Yield (images, labels, indices); shuffling draws from `generator`, augmentation from
+        `aug_generator` when given (an independent stream, core/rng.py), else from `generator`."""
+        aug = aug_generator if aug_generator is not None else generator
+        if (shuffle and generator is None) or (augment and aug is None):
             raise ValueError("shuffle/augment need a seeded generator for reproducibility")
         order = idx[torch.randperm(len(idx), generator=generator)] if shuffle else idx
         order = order.to(self.device)
@@ -569,12 +683,33 @@ class DeviceData:
             bi = order[start : start + batch_size]
             x = self.x[source][bi]
             if augment:
-                assert generator is not None
+                assert aug is not None
                 if info.crop_pad:
-                    x = random_crop(x, info.crop_pad, generator)
+                    x = random_crop(x, info.crop_pad, aug)
                 if info.flip:
-                    x = random_flip(x, generator)
+                    x = random_flip(x, aug)
             yield self.normalise(x), self.y[source][bi], bi
+
+    def cycle(
+        self,
+        idx: Tensor,
+        batch_size: int,
+        *,
+        augment: bool = False,
+        generator: torch.Generator,
+        aug_generator: torch.Generator | None = None,
+    ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """Endless shuffled passes over pool indices, for pairing a small set with a large one.
+
+        Every pass reshuffles from ``generator``, so a run draws the same batches every time.
+        """
+        if len(idx) == 0:
+            raise ValueError("cannot cycle over an empty index set")
+        while True:
+            yield from self.batches(
+                idx, batch_size, shuffle=True, augment=augment, generator=generator,
+                aug_generator=aug_generator,
+            )  # fmt: skip
 
     def num_batches(self, n: int, batch_size: int) -> int:
         return (n + batch_size - 1) // batch_size

@@ -26,19 +26,23 @@ points. Undefined values (empty or too small sets, non-finite model outputs) are
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import roc_auc_score
-from sklearn.model_selection import StratifiedKFold
-from sklearn.svm import SVC
 from torch import Tensor, nn
 
+from evaluation.mia import (
+    DEFAULT_DRAWS,
+    MIA_DEFAULT_FEATURE,
+    MIA_FEATURES,
+    mia_features,
+    stable_loss_mia,
+    stable_salun_flat,
+    stable_salun_mia,
+)
 from models import name_under
 from training.outputs import (
     LOG_EPS,
@@ -78,10 +82,6 @@ __all__ = [
     "time_efficiency",
 ]
 
-
-#: MIA features of :func:`mia_features`; the first is the one SalUn reports as MIA-Efficacy.
-MIA_FEATURES: tuple[str, ...] = ("confidence", "entropy", "m_entropy", "loss")
-MIA_DEFAULT_FEATURE: str = "confidence"
 
 #: Metrics entering SalUn's Avg. Gap.
 GAP_METRICS: tuple[str, ...] = ("UA", "RA", "TA", "mia_efficacy")
@@ -148,57 +148,6 @@ def per_class_accuracy(o: Outputs, num_classes: int) -> list[float]:
 # --------------------------------------------------------------------------------------------
 
 
-def _log1mexp(log_p: Tensor) -> Tensor:
-    """Stable log(1 - exp(log_p)) for log_p <= 0, floored at LOG_EPS."""
-    log_p = log_p.clamp(max=0.0)
-    out = torch.where(
-        log_p > -math.log(2.0),
-        torch.log(-torch.expm1(log_p)),
-        torch.log1p(-torch.exp(log_p)),
-    )
-    return out.clamp(min=LOG_EPS)
-
-
-def mia_features(o: Outputs, kind: str) -> np.ndarray:
-    """One MIA feature per sample, float64 [N] (Song & Mittal 2021; SalUn's ``SVC_MIA``).
-
-    * ``confidence``: p_y, the softmax probability of the true label (SalUn's reported feature).
-    * ``entropy``: H(p) = -sum_i p_i log p_i.
-    * ``m_entropy``: modified entropy, -(1 - p_y) log p_y - sum_{i != y} p_i log(1 - p_i).
-    * ``loss``: the per-sample cross-entropy -log p_y (``Outputs.losses``).
-
-    Logs are floored at log(1e-30) as in SalUn's code, so no -inf appears.
-    """
-    if kind not in MIA_FEATURES:
-        raise ValueError(f"unknown MIA feature {kind!r}; expected one of {MIA_FEATURES}")
-    if len(o) == 0:
-        return np.empty(0, dtype=np.float64)
-    if kind == "loss":
-        return o.losses.double().numpy()
-    log_p = F.log_softmax(o.logits.double(), dim=1)
-    p = log_p.exp()
-    log_p = log_p.clamp(min=LOG_EPS)
-    y = o.labels.view(-1, 1)
-    if kind == "confidence":
-        feat = p.gather(1, y).squeeze(1)
-    elif kind == "entropy":
-        feat = -(p * log_p).sum(dim=1)
-    else:  # m_entropy
-        p_y = p.gather(1, y).squeeze(1)
-        log_p_y = log_p.gather(1, y).squeeze(1)
-        terms = p * _log1mexp(log_p)  # p_i log(1 - p_i) for every i
-        others = terms.sum(dim=1) - terms.gather(1, y).squeeze(1)
-        feat = -(1.0 - p_y) * log_p_y - others
-    return feat.numpy()
-
-
-def _subsample(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k indices out of range(n) without replacement (all of them, in order, if k >= n)."""
-    if k >= n:
-        return np.arange(n)
-    return np.sort(rng.choice(n, size=k, replace=False))
-
-
 def salun_mia(
     retain: Outputs,
     test: Outputs,
@@ -207,95 +156,44 @@ def salun_mia(
     features: Sequence[str] = MIA_FEATURES,
     max_per_side: int = 5000,
     n_jobs: int | None = None,
-) -> dict[str, float]:
-    """MIA-Efficacy as SalUn reports it (``evaluation.SVC_MIA`` of SalUn / Jia et al. 2023).
+    draws: int = DEFAULT_DRAWS,
+    test_forget: Outputs | None = None,
+) -> dict[str, Any]:
+    """MIA-Efficacy as SalUn reports it, made stable: the attack of
+    :func:`evaluation.mia.salun_draw` over `draws` shadow draws (seeds
+    ``stream(seed, "attack/salun/<r>")``, the same for every model of a run).
 
-    A shadow attack ``SVC(C=3, gamma="auto", kernel="rbf")`` is fit on one feature per sample:
-    retain samples are members (label 1), test samples non-members (label 0). Both sides are
-    subsampled, with ``seed``, to ``min(len(retain), len(test), max_per_side)`` samples each
-    (SalUn takes the first ``len(test)`` retain samples and the whole test set; the cap keeps the
-    SVC fast). The same shadow subsample is used for every feature. The efficacy is the share of
-    forget samples predicted as non-members (0); higher means better forgetting.
+    SalUn's feature, ``confidence``, gets every draw: ``mia_efficacy`` (= ``mia_confidence``)
+    is the mean over the draws, with ``_std``, the 95% interval ``_low``/``_high``, counts of
+    degenerate and single-verdict draws and ``_flags`` (``degenerate``, ``single``,
+    ``unstable``; evaluation/mia.py). The other features of `features` (Song & Mittal) get draw
+    0 only, ``mia_<feature>`` each: R draws of all four cost four times as much.
 
-    Returns ``mia_<feature>`` for every feature plus ``mia_efficacy`` (= ``mia_confidence``,
-    the value the paper reports). NaN when a set is empty or a feature is not finite.
-
-    Cost: an RBF SVC fit grows roughly quadratically with the shadow set; at 5000 per side one
-    feature takes a few seconds on one CPU core. The features are fitted in ``n_jobs`` threads
-    (libsvm releases the GIL; default: one per feature, at most ``os.cpu_count()``); results do
-    not depend on ``n_jobs``.
+    `test_forget` (the test samples of the forgotten classes, class-wise forgetting) join the
+    shadow non-members: without them the attack has never seen a non-member of the forgotten
+    class and its verdict on a class-wise oracle flips between 0 and 1 (evaluation/mia.py).
+    NaN when a set is empty or a feature is not finite. Results do not depend on ``n_jobs``.
     """
-    feats = list(dict.fromkeys([*features, MIA_DEFAULT_FEATURE]))
-    n = min(len(retain), len(test), max_per_side)
-    result: dict[str, float] = {f"mia_{k}": NAN for k in feats}
-    if n > 0 and len(forget) > 0:
-        rng = np.random.default_rng(seed)
-        r_idx = _subsample(len(retain), n, rng)
-        t_idx = _subsample(len(test), n, rng)
-        y_shadow = np.concatenate([np.ones(n), np.zeros(n)])
-
-        def attack(kind: str) -> float:
-            x_shadow = np.concatenate(
-                [mia_features(retain, kind)[r_idx], mia_features(test, kind)[t_idx]]
-            ).reshape(-1, 1)
-            x_target = mia_features(forget, kind).reshape(-1, 1)
-            if not (np.isfinite(x_shadow).all() and np.isfinite(x_target).all()):
-                return NAN
-            clf = SVC(C=3, gamma="auto", kernel="rbf")
-            clf.fit(x_shadow, y_shadow)
-            return float(1.0 - clf.predict(x_target).mean())
-
-        workers = n_jobs if n_jobs is not None else min(len(feats), os.cpu_count() or 1)
-        if workers > 1:
-            with ThreadPoolExecutor(max_workers=workers) as pool:
-                values = list(pool.map(attack, feats))
-        else:
-            values = [attack(kind) for kind in feats]
-        result.update({f"mia_{kind}": v for kind, v in zip(feats, values, strict=True)})
-    result["mia_efficacy"] = result[f"mia_{MIA_DEFAULT_FEATURE}"]
+    tf = test_forget if test_forget is not None and len(test_forget) > 0 else None
+    main = stable_salun_mia(retain, test, forget, seed, draws, (MIA_DEFAULT_FEATURE,),
+                            max_per_side, n_jobs, test_forget=tf)  # fmt: skip
+    result = stable_salun_flat(main)
+    others = [k for k in dict.fromkeys(features) if k != MIA_DEFAULT_FEATURE]
+    if others:
+        once = stable_salun_mia(retain, test, forget, seed, 1, others, max_per_side, n_jobs,
+                                test_forget=tf)  # fmt: skip
+        result.update({f"mia_{k}": f.interval.mean for k, f in once.items()})
     return result
 
 
-def loss_mia(forget: Outputs, test: Outputs, seed: int, n_splits: int = 10) -> dict[str, float]:
-    """Loss-based MIA of the NeurIPS 2023 unlearning starting kit (``simple_mia``).
-
-    A ``LogisticRegression()`` on the per-sample loss separates forget samples (label 1) from
-    test samples (label 0). The larger side is subsampled with ``seed`` to the size of the smaller
-    one (the kit shuffles the forget losses and keeps ``len(test)`` of them). Cross-validation is
-    ``StratifiedKFold(n_splits, shuffle=True, random_state=seed)``, with ``n_splits`` reduced to
-    the per-class sample count when that is smaller (the kit itself uses
-    ``StratifiedShuffleSplit(n_splits=10, random_state=0)``; k-fold gives every sample exactly
-    one out-of-fold prediction, which the AUC needs).
-
-    Returns ``loss_mia_acc`` (mean fold accuracy; 0.5 = the attacker cannot tell forget from test
-    samples) and ``loss_mia_auc`` (ROC AUC of the pooled out-of-fold member probabilities).
-    NaN when fewer than 2 samples per side or non-finite losses.
-    """
-    result = {"loss_mia_acc": NAN, "loss_mia_auc": NAN}
-    n = min(len(forget), len(test))
-    k = min(n_splits, n)
-    if k < 2:
-        return result
-    rng = np.random.default_rng(seed)
-    f_idx = _subsample(len(forget), n, rng)
-    t_idx = _subsample(len(test), n, rng)
-    x = np.concatenate(
-        [test.losses.double().numpy()[t_idx], forget.losses.double().numpy()[f_idx]]
-    ).reshape(-1, 1)
-    y = np.concatenate([np.zeros(n, dtype=np.int64), np.ones(n, dtype=np.int64)])
-    if not np.isfinite(x).all():
-        return result
-    cv = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    proba = np.empty(2 * n, dtype=np.float64)
-    accs: list[float] = []
-    for train_idx, test_idx in cv.split(x, y):
-        clf = LogisticRegression()
-        clf.fit(x[train_idx], y[train_idx])
-        accs.append(float((clf.predict(x[test_idx]) == y[test_idx]).mean()))
-        proba[test_idx] = clf.predict_proba(x[test_idx])[:, 1]
-    result["loss_mia_acc"] = float(np.mean(accs))
-    result["loss_mia_auc"] = float(roc_auc_score(y, proba))
-    return result
+def loss_mia(
+    forget: Outputs, test: Outputs, seed: int, n_splits: int = 10, draws: int = DEFAULT_DRAWS
+) -> dict[str, Any]:
+    """The NeurIPS 2023 starting kit's loss attack (:func:`evaluation.mia.loss_draw`) over
+    `draws` draws: ``loss_mia_acc`` (mean fold accuracy, 0.5 = the attacker cannot tell forget
+    from test samples) and ``loss_mia_auc``, each the mean over the draws with ``_std``,
+    ``_low``, ``_high`` (95% interval); NaN with fewer than 2 samples per side."""
+    return stable_loss_mia(forget, test, seed, draws, n_splits)
 
 
 # --------------------------------------------------------------------------------------------
@@ -453,15 +351,17 @@ def challenge_score(
 
 
 def model_report(
-    outs: Mapping[str, Outputs], seed: int, num_classes: int
-) -> dict[str, float | list[float]]:
+    outs: Mapping[str, Outputs], seed: int, num_classes: int, draws: int = DEFAULT_DRAWS
+) -> dict[str, Any]:
     """All per-model metrics from the outputs of one model on its splits.
 
     ``outs`` keys: ``forget``, ``retain``, ``test`` (test WITHOUT the forgotten classes in
     class-wise forgetting), optionally ``test_forget`` (test samples of the forgotten classes)
     and ``val``. Accuracies follow SalUn (UA = 1 - forget accuracy, RA, TA); MIA from
-    :func:`salun_mia` and :func:`loss_mia`; ``kl_uniform_forget`` from :func:`kl_to_uniform`.
-    Missing or empty splits give NaN, never an exception.
+    :func:`salun_mia` (with ``test_forget`` among the non-members) and :func:`loss_mia`, both
+    over `draws` shadow draws seeded from `seed`; ``kl_uniform_forget`` from
+    :func:`kl_to_uniform`. Missing or empty splits give NaN, never an exception. The attacks
+    use as many threads as PyTorch may (the task's thread count, running/threads.py).
     """
     empty = _empty_outputs()
     forget = outs.get("forget") or empty
@@ -473,7 +373,7 @@ def model_report(
     forget_acc = accuracy(forget)
     retain_acc = accuracy(retain)
     test_acc = accuracy(test)
-    report: dict[str, float | list[float]] = {
+    report: dict[str, Any] = {
         "forget_acc": forget_acc,
         "UA": 1.0 - forget_acc,
         "retain_acc": retain_acc,
@@ -484,8 +384,10 @@ def model_report(
         "val_acc": accuracy(val) if val is not None else NAN,
         "per_class_test_acc": per_class_accuracy(concat_outputs(test, test_forget), num_classes),
     }
-    report.update(salun_mia(retain, test, forget, seed))
-    report.update(loss_mia(forget, test, seed))
+    threads = torch.get_num_threads()
+    report.update(salun_mia(retain, test, forget, seed, draws=draws, n_jobs=threads,
+                            test_forget=test_forget))  # fmt: skip
+    report.update(loss_mia(forget, test, seed, draws=draws))
     report["kl_uniform_forget"] = kl_to_uniform(forget)
     report.update(
         {

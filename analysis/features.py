@@ -36,7 +36,7 @@ import argparse
 import hashlib
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +46,24 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from core import rng
+from core.cli_options import (
+    add_checkpoints,
+    add_data_dir,
+    add_device,
+    add_feature_io,
+    new_parser,
+)
 from core.errors import UserError, cli
+from core.io import dumps, write_json
 from datasets import DeviceData, ForgetSpec, RawData, indices_hash, make_split, pick_device
-from training.checkpoints import checkpoint_exists, forget_indices_of, load_checkpoint, read_meta
+from training.checkpoints import (
+    checkpoint_exists,
+    checkpoint_stem,
+    forget_indices_of,
+    load_checkpoint,
+    read_meta,
+)
 from training.config import TrainConfig
 from training.loop import EVAL_BATCH
 from training.recipe import load_data
@@ -59,15 +74,6 @@ DEFAULT_SAMPLES = 1000
 
 # ---------------------------------------------------------------------------------------------
 # Finding checkpoints
-
-
-def checkpoint_stem(path: str | Path) -> Path:
-    """``x.safetensors``, ``x.json`` and ``x`` all name the checkpoint ``x``."""
-    p = Path(path)
-    for suffix in (".safetensors", ".json"):
-        if p.name.endswith(suffix):
-            return p.with_name(p.name[: -len(suffix)])
-    return p
 
 
 def checkpoint_key(path: str | Path) -> str:
@@ -90,10 +96,15 @@ def is_model_checkpoint(weights: Path) -> bool:
 
 
 def resolve_checkpoint(
-    ref: str | None, run_dir: Path | None = None, search: Iterable[Path] = ()
+    ref: str | None,
+    run_dir: Path | None = None,
+    search: Iterable[Path] = (),
+    exists: Callable[[Path], bool] = checkpoint_exists,
 ) -> Path | None:
     """Find a checkpoint named in a metrics.json or sidecar (paths there are relative to the
-    folder main.py ran in): as given, then next to the run folder, then by name in ``search``."""
+    folder main.py ran in): as given, then next to the run folder, then by name in ``search``.
+    `exists` says whether a candidate stem is what is looked for (default: a whole checkpoint;
+    the plots look for its saved outputs instead)."""
     if not ref:
         return None
     p = Path(ref)
@@ -103,7 +114,7 @@ def resolve_checkpoint(
     for d in search:
         candidates += [Path(d) / p.name, Path(d) / "oracles" / p.name]
     for c in candidates:
-        if checkpoint_exists(c):
+        if exists(checkpoint_stem(c)):
             return checkpoint_stem(c)
     return None
 
@@ -182,12 +193,18 @@ def sample_key(dataset: str, dataset_args: dict[str, Any], indices: Tensor | np.
 def sample_pool(
     raw: RawData, split_seed: int, val_fraction: float, n: int, seed: int = 0
 ) -> Tensor:
-    """``n`` pool indices drawn with ``seed`` from the training part (validation excluded),
-    sorted; all of them when ``n`` is 0 or larger than that part."""
+    """``n`` pool indices drawn from the training part (validation excluded), sorted; all of
+    them when ``n`` is 0 or larger than that part.
+
+    The draw has its own stream, ``core.rng.generator(seed, "features")``: a random forget set
+    drawn with the same seed comes from another permutation, so the sample holds its share of
+    forget samples, not the whole forget set (issue 12: with one shared ``randperm(seed)``,
+    seed 0's 1,000-point sample held all 400 forget samples of a 10% run).
+    """
     train = make_split(raw, ForgetSpec(), split_seed, val_fraction).train
     if n <= 0 or n >= len(train):
         return train.clone()
-    g = torch.Generator().manual_seed(seed)
+    g = rng.generator(seed, rng.FEATURES)
     return torch.sort(train[torch.randperm(len(train), generator=g)[:n]]).values
 
 
@@ -226,24 +243,11 @@ def extract(
     return torch.cat(feats).numpy(), torch.cat(logits).numpy()
 
 
-def forget_membership(stem: Path, meta: dict[str, Any], raw: RawData, idx: Tensor) -> np.ndarray:
-    """Which sampled pool indices are in this checkpoint's forget set (its ``_forget.json``,
-    else the set rebuilt from the sidecar's forget specification)."""
-    try:
-        forget = torch.tensor(forget_indices_of(stem), dtype=torch.long)
-    except (OSError, json.JSONDecodeError):
-        spec = meta.get("split", {}).get("forget", {})
-        s = ForgetSpec(
-            classes=tuple(spec.get("classes") or ()),
-            fraction=spec.get("fraction") if not spec.get("classes") else None,
-            seed=int(spec.get("seed", 0)),
-        )
-        split = meta.get("split", {})
-        forget = make_split(
-            raw, s, split.get("split_seed", 0), split.get("val_fraction", 0.1)
-        ).forget
-    member = torch.zeros(len(raw.train_y), dtype=torch.bool)
-    member[forget] = True
+def forget_membership(forget: Sequence[int], n_pool: int, idx: Tensor) -> np.ndarray:
+    """Which sampled pool indices `idx` are in the forget set `forget` (the checkpoint's
+    ``_forget.json``: every checkpoint the tool writes has one, checked against its sidecar)."""
+    member = torch.zeros(n_pool, dtype=torch.bool)
+    member[torch.as_tensor(list(forget), dtype=torch.long)] = True
     return member[idx].numpy()
 
 
@@ -251,7 +255,7 @@ def save_features(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any
     """Write one compressed .npz atomically (``meta`` as a 0-d unicode array, no pickle)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, meta=np.array(json.dumps(meta)), **arrays)
+    np.savez_compressed(tmp, meta=np.array(dumps(meta, indent=None)), **arrays)
     tmp.replace(path)
 
 
@@ -374,13 +378,10 @@ def extract_features(
         model, _ = load_checkpoint(f.stem, dev)
         feats, logits = extract(model, data, idx, batch_size)
         weight, bias = classifier_of(model)
-        forget = forget_membership(f.stem, meta, data.raw, idx)
+        all_forget = forget_indices_of(f.stem)
+        forget = forget_membership(all_forget, len(data.raw.train_y), idx)
+        forget_sha = indices_hash(all_forget)  # as metrics.json's forget.sha256
         role = _role_of(meta, f)
-        try:
-            all_forget = forget_indices_of(f.stem)
-            forget_sha = indices_hash(all_forget)  # as metrics.json's forget.sha256
-        except (OSError, json.JSONDecodeError):
-            all_forget, forget_sha = [], None
         run = f.run or {}
         info = {
             "format": FORMAT,
@@ -425,7 +426,7 @@ def extract_features(
         del model
     _link_entries(entries, src, search)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "index.json").write_text(json.dumps({"format": FORMAT, "files": entries}, indent=2))
+    write_json(out / "index.json", {"format": FORMAT, "files": entries})
     return written
 
 
@@ -494,28 +495,14 @@ def load_index(features_dir: str | Path) -> list[dict[str, Any]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("-D", "--dir", type=Path, required=True, help="run folder or checkpoint folder")
-    p.add_argument(
-        "-S",
-        "--samples",
-        type=int,
-        default=DEFAULT_SAMPLES,
-        help="pool images in the sample, 0 = all (%(default)s)",
-    )
-    p.add_argument("--out", type=Path, default=None, help="default: features/<name of -D>")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: auto)")
+    p = new_parser(__doc__)
+    add_feature_io(p, folder="run folder or checkpoint folder", samples=DEFAULT_SAMPLES,
+                   samples_help="pool images in the sample, 0 = all",
+                   out="default: features/<name of -D>")  # fmt: skip
+    add_device(p)
     p.add_argument("--seed", type=int, default=0, help="seed of the sample (%(default)s)")
-    p.add_argument(
-        "--checkpoints",
-        type=Path,
-        action="append",
-        default=[],
-        help="where to look for base/oracle checkpoints named by metrics.json",
-    )
-    p.add_argument("--data-dir", type=Path, default=None, help="default: $DATA_DIR or ./data")
+    add_checkpoints(p, search=True)
+    add_data_dir(p)
     p.add_argument("--batch-size", type=int, default=EVAL_BATCH)
     return p
 

@@ -1,121 +1,104 @@
-"""Evaluation plots of a run folder: what the unlearning did to losses, predictions and classes.
+"""Evaluation figures of a run folder: what the unlearning did to losses, predictions and classes.
 
-    python plots.py output/20250101-120000_quickstart [--out DIR] [--device cpu]
+    python plots.py output/20250101-120000_quickstart [--out DIR] [--fig-format pdf,png,svg]
 
-For every run (experiment x seed) of the folder the unlearned model (``model.safetensors``), its
-base checkpoint and its retrain oracle (``base_checkpoint`` / ``oracle_checkpoint`` of
-``metrics.json``) are loaded, the split is rebuilt from the model's sidecar (split seed,
-validation fraction, forget classes, else the forget-index JSON beside the model) with the
-project's own ``make_split``, and per-sample outputs are recomputed with
-``metrics.collect_outputs``. Written under ``<run>/plots/`` (or ``--out``):
+Every figure is drawn from what the run saved: ``metrics.json``, the run's per-sample outputs
+(``outputs.safetensors``) and the base model's and oracle's whole-pool outputs saved with their
+checkpoints (``outputs/<stem>.safetensors`` in the checkpoint's folder), selected by the run's
+indices (``running/results.py``). No model is loaded and nothing is recomputed. Written under
+``<run>/plots/`` (or ``--out``), each as PDF, SVG and a 200 dpi PNG (``analysis/style.py``):
 
-* ``<experiment>/seed<k>/loss_hist.png``: per-sample cross-entropy of forget vs test samples for
-  base, unlearned and oracle; each title gives the loss-MIA accuracy (``metrics.loss_mia``,
-  the NeurIPS 2023 starting kit's attack: 0.5 = forget and test samples look alike).
-* ``<experiment>/seed<k>/confusion.png``: row-normalised confusion matrices on the whole test
-  set (forgotten classes included).
-* ``<experiment>/seed<k>/per_class_acc.png``: test accuracy per class, base / unlearned /
-  oracle.
-* ``summary_table.png``: the summary table (mean ± std over seeds) as a figure.
-* ``gap_vs_time.png``: Avg. Gap to the oracle against unlearning time, one point per experiment.
+* ``paper/``: the cross-experiment figures of ``analysis/figures.py`` (Avg. Gap vs cost, metrics
+  vs oracle, per-class accuracy vs oracle) and ``confusion`` of the experiment with the smallest
+  Avg. Gap.
+* ``<experiment>/``: the experiment over all its seeds: ``loss_hist`` (per-sample cross-entropy of
+  forget vs test samples for base, unlearned and oracle, pooled over seeds; titles give the
+  loss-MIA accuracy, ``metrics.loss_mia``, the NeurIPS 2023 starting kit's attack: 0.5 = forget
+  and test samples look alike), ``confusion`` (confusion matrices on the whole test set, counts
+  pooled over seeds, in percent of the true class) and ``per_class`` (per-class test accuracy
+  of base and unlearned minus the oracle's, means and 95% t-intervals over seeds).
+* ``<experiment>/seed<k>/``: the same three figures for each seed alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
-import torch
-from matplotlib.figure import Figure
-from matplotlib.ticker import NullFormatter, ScalarFormatter
-from torch import nn
+from matplotlib.patches import Rectangle
 from tqdm.auto import tqdm
 
 import metrics as M
-from analysis.features import checkpoint_key, resolve_checkpoint
+from analysis import figures as FG
+from analysis import style
+from analysis.features import resolve_checkpoint
+from analysis.figures import Experiment, mean_ci
+from analysis.style import ROLE_TITLES, ROLES, Plot
+from core.cli_options import (
+    add_checkpoints,
+    add_data_dir,
+    add_device,
+    add_fig_format,
+    add_out,
+    new_parser,
+)
 from core.errors import UserError, cli
-from datasets import DeviceData, ForgetSpec, Split, make_split, pick_device
-from running.tables import COLUMNS, summarize
-from training.checkpoints import forget_indices_of, load_checkpoint, read_meta
-from training.config import TrainConfig
-from training.loop import EVAL_BATCH
-from training.recipe import load_data
+from running.results import (
+    OUTPUTS_FILE,
+    RunResult,
+    load_outputs,
+    load_reference,
+    reference_path,
+    select_splits,
+)
+from training.outputs import Outputs
 
-matplotlib.use("Agg")  # headless; this module never imports pyplot
+__all__ = ["Plot", "load_results", "make_run_plots"]
 
-ROLES = ("base", "unlearned", "oracle")
-ROLE_COLORS = {"base": "#7f7f7f", "unlearned": "#1f77b4", "oracle": "#2ca02c"}
-ROLE_TITLES = {"base": "base", "unlearned": "unlearned", "oracle": "retrain oracle"}
-
-
-@dataclass
-class Plot:
-    """One image of a report: where it is, what it shows."""
-
-    path: Path
-    caption: str
-    section: str
-    title: str = ""
+CELL_TEXT_MAX_CLASSES = 12  # numbers in the cells stay >= 8 pt up to this many classes
+HIDE_BELOW_PCT = 0.5  # confusion cells that round to 0% stay empty
 
 
 # ---------------------------------------------------------------------------------------------
-# Plot functions: arrays in, one PNG out
+# Plot functions: arrays in, figure files out
 
 
-def _save(fig: Figure, path: Path, **kwargs: Any) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, **kwargs)
-    return path
-
-
+@style.styled
 def plot_loss_histograms(
-    panels: Sequence[tuple[str, np.ndarray, np.ndarray, float]], path: Path, *, title: str = ""
-) -> Path:
+    panels: Sequence[tuple[str, np.ndarray, np.ndarray, str]], path: Path
+) -> dict[str, Path]:
     """Per-sample loss histograms, forget vs test, one panel per model.
 
-    ``panels``: (model name, forget losses, test losses, loss-MIA accuracy). Bins are
-    logarithmic and shared by all panels (losses span many orders of magnitude)."""
+    ``panels``: (model name, forget losses, test losses, loss-MIA text). Bins are logarithmic
+    and shared by all panels (losses span many orders of magnitude)."""
     allv = np.concatenate([np.concatenate([f, t]) for _, f, t, _ in panels] + [np.ones(1)])
     allv = allv[np.isfinite(allv)]
     lo = math.log10(max(float(allv.min()), 1e-7))
     hi = max(math.log10(max(float(allv.max()), 1e-7)), lo + 1)
     bins = np.linspace(lo, hi, 41)
-    # log10 of the loss on a linear axis: same picture as a log axis, a fraction of the cost
+    # log10 of the loss on a linear axis: the same picture as a log axis, at a fraction of the cost
     ticks = np.arange(math.ceil(lo), math.floor(hi) + 1)
-    if len(ticks) > 8:
-        ticks = ticks[:: math.ceil(len(ticks) / 8)]
-    fig = Figure(figsize=(3.6 * len(panels), 3.2), dpi=100, layout="constrained")
+    if len(ticks) > 5:
+        ticks = ticks[:: math.ceil(len(ticks) / 5)]
+    fig = style.figure(style.DOUBLE if len(panels) > 1 else style.SINGLE, 2.3)
     axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
-    for ax, (name, f, t, acc) in zip(axes, panels, strict=True):
-        for vals, color, what in ((t, "#1f77b4", "test"), (f, "#d62728", "forget")):
+    for ax, (name, f, t, mia) in zip(axes, panels, strict=True):
+        for vals, color, what in ((t, style.TEST_COLOR, "test"), (f, style.FORGET_COLOR, "forget")):
             v = np.log10(np.clip(vals[np.isfinite(vals)], 10**lo, 10**hi))
-            ax.hist(
-                v,
-                bins=bins,
-                density=True,
-                histtype="stepfilled",
-                alpha=0.5,
-                color=color,
-                label=f"{what} (n={len(vals)})",
-            )
+            ax.hist(v, bins=bins, density=True, histtype="stepfilled", alpha=0.55, color=color,
+                    label=f"{what} samples")  # fmt: skip
         ax.set_xticks(ticks, [f"$10^{{{int(k)}}}$" for k in ticks])
         ax.set_xlabel("per-sample cross-entropy")
-        acc_txt = "n/a" if acc is None or not math.isfinite(acc) else f"{acc:.3f}"
-        ax.set_title(f"{name}\nloss-MIA acc {acc_txt}", fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_title(f"{name}\nloss-MIA accuracy {mia}")
     axes[0].set_ylabel("density")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    handles, texts = axes[0].get_legend_handles_labels()
+    fig.legend(handles, texts, loc="outside upper center", ncols=2)
+    return style.save_figure(fig, path)
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -124,437 +107,263 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.nd
     return np.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, -1)
 
 
-def _mark_classes(ax: Any, names: Iterable[str]) -> None:
-    """Tick labels of forgotten classes in bold red."""
-    names = set(names)
-    for lab in ax.get_xticklabels() + ax.get_yticklabels():
-        if lab.get_text() in names:
-            lab.set_color("red")
-            lab.set_fontweight("bold")
+def accuracy_without(counts: np.ndarray, forget_classes: Sequence[int]) -> float:
+    """Accuracy over the rows (true classes) not forgotten: the table's test accuracy."""
+    keep = [c for c in range(len(counts)) if c not in set(forget_classes)]
+    total = counts[keep].sum()
+    return float(np.trace(counts[np.ix_(keep, keep)]) / total) if total else math.nan
 
 
+def covered(forget_classes: Sequence[int], names: Sequence[str]) -> str:
+    if not forget_classes:
+        return "all classes"
+    return "classes ≠ " + ", ".join(str(names[c]) for c in forget_classes)
+
+
+@style.styled
 def plot_confusion_matrices(
-    panels: Sequence[tuple[str, np.ndarray, np.ndarray]],
-    num_classes: int,
+    panels: Sequence[tuple[str, np.ndarray]],
     path: Path,
     *,
-    title: str = "",
     class_names: Sequence[str] | None = None,
     forget_classes: Sequence[int] = (),
-) -> Path:
-    """Row-normalised confusion matrices (true class x predicted class), one per model, on one
-    colour scale 0..1. ``panels``: (model name, true labels, predicted labels)."""
-    names = list(class_names or map(str, range(num_classes)))
-    fig = Figure(figsize=(3.3 * len(panels) + 0.9, 3.6), dpi=100)
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.14, top=0.82, wspace=0.3)
+) -> dict[str, Path]:
+    """Confusion matrices (true class x predicted class) in percent of the true class, one per
+    model, on one colour scale; ``panels``: (model name, counts [C, C]). Cells below 0.5% stay
+    empty; each title gives the accuracy over the classes the table's TA covers."""
+    nc = len(panels[0][1])
+    names = list(class_names or map(str, range(nc)))
+    fig = style.figure(style.DOUBLE, 2.75)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    im = None
-    for ax, (name, yt, yp) in zip(axes, panels, strict=True):
-        cm = confusion(yt, yp, num_classes).astype(float)
-        cm = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1)
-        im = ax.imshow(cm, vmin=0, vmax=1, cmap="Blues")
-        ticks = list(range(num_classes)) if num_classes <= 20 else []
-        ax.set_xticks(ticks, [names[i] for i in ticks], fontsize=7)
-        ax.set_yticks(ticks, [names[i] for i in ticks], fontsize=7)
-        _mark_classes(ax, [names[c] for c in forget_classes])
-        if num_classes <= 12:
-            for i in range(num_classes):
-                for j in range(num_classes):
-                    if cm[i, j] >= 0.005:
-                        ax.text(
-                            j,
-                            i,
-                            f"{cm[i, j]:.2f}".lstrip("0"),
-                            ha="center",
-                            va="center",
-                            fontsize=5,
-                            color="white" if cm[i, j] > 0.5 else "black",
-                        )
-        acc = float((np.asarray(yt) == np.asarray(yp)).mean()) if len(yt) else float("nan")
-        ax.set_title(f"{name} (acc {acc:.3f})", fontsize=9)
-        ax.set_xlabel("predicted", fontsize=8)
-        ax.set_ylabel("true", fontsize=8)
-    if im is not None:
-        fig.colorbar(im, ax=list(axes), shrink=0.8, pad=0.02, label="share of the true class")
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
+    ticks = list(range(nc)) if nc <= 20 else list(range(0, nc, math.ceil(nc / 10)))
+    for ax, (name, counts) in zip(axes, panels, strict=True):
+        pct = 100 * counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        ax.imshow(pct, vmin=0, vmax=100, cmap="Blues")
+        ax.set_xticks(ticks, [names[i] for i in ticks])
+        ax.set_yticks(ticks, [names[i] for i in ticks])
+        ax.tick_params(length=0)
+        ax.spines[:].set_visible(False)
+        for lab in ax.get_xticklabels() + ax.get_yticklabels():
+            if lab.get_text() in {names[c] for c in forget_classes}:
+                lab.set_color(style.FORGET_COLOR)
+                lab.set_fontweight("bold")
+        for c in forget_classes:  # the forgotten class's row: where its test images went
+            ax.add_patch(Rectangle((-0.5, c - 0.5), nc, 1, fill=False,
+                                   ec=style.FORGET_COLOR, lw=1.2))  # fmt: skip
+        if nc <= CELL_TEXT_MAX_CLASSES:
+            for i in range(nc):
+                for j in range(nc):
+                    if pct[i, j] >= HIDE_BELOW_PCT:
+                        ax.text(j, i, f"{pct[i, j]:.0f}", ha="center", va="center", fontsize=8,
+                                color="white" if pct[i, j] > 55 else "black")  # fmt: skip
+        acc = accuracy_without(counts, forget_classes)
+        ax.set_title(f"{name}\nTA {100 * acc:.1f}% ({covered(forget_classes, names)})")
+        ax.set_xlabel("predicted class")
+    axes[0].set_ylabel("true class")
+    return style.save_figure(fig, path)
 
 
-def plot_per_class_accuracy(
-    accs: dict[str, Sequence[float]],
-    path: Path,
-    *,
-    title: str = "",
-    class_names: Sequence[str] | None = None,
-    forget_classes: Sequence[int] = (),
-) -> Path:
-    """Grouped bars of test accuracy per class, one bar per model (base / unlearned / oracle);
-    forgotten classes are shaded."""
-    n = max(len(v) for v in accs.values())
-    names = list(class_names or map(str, range(n)))
-    fig = Figure(figsize=(max(5.0, 0.55 * n + 1.5), 3.2), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    width = 0.8 / len(accs)
-    x = np.arange(n)
-    for c in forget_classes:
-        ax.axvspan(c - 0.45, c + 0.45, color="#d62728", alpha=0.12, lw=0)
-    for k, (name, vals) in enumerate(accs.items()):
-        v = np.array([np.nan if a is None else a for a in vals], dtype=float)
-        ax.bar(
-            x - 0.4 + width * (k + 0.5),
-            np.nan_to_num(v),
-            width,
-            color=ROLE_COLORS.get(name),
-            label=ROLE_TITLES.get(name, name),
-        )
-    ticks = list(range(n)) if n <= 30 else list(range(0, n, max(1, n // 20)))
-    ax.set_xticks(ticks, [names[i] for i in ticks], fontsize=7)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel("test accuracy")
-    ax.set_xlabel("class" + (" (forgotten: shaded)" if forget_classes else ""))
-    ax.legend(
-        fontsize=7, ncols=len(accs), loc="lower center", bbox_to_anchor=(0.5, 1.0), frameon=False
-    )
-    if title:
-        fig.suptitle(title, fontsize=10)
-    return _save(fig, path)
-
-
-def _fmt(ms: tuple[float, float] | None) -> str:
-    if ms is None or ms[0] is None or math.isnan(ms[0]):
-        return "–"
-    return f"{ms[0]:.2f} ± {ms[1]:.2f}"
-
-
-def summary_cells(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
-    """Headers and formatted cells of the summary table (mean ± std over seeds)."""
-    cols = [c for c, _, _ in COLUMNS] + (["score"] if any("score" in r for r in rows) else [])
-    headers = ["experiment", "runs", *cols]
-    body = [[str(r["experiment"]), str(r["runs"])] + [_fmt(r.get(c)) for c in cols] for r in rows]
-    return headers, body
-
-
-def plot_summary_table(rows: list[dict[str, Any]], path: Path, *, title: str = "") -> Path:
-    """The summary table (``runner.summarize`` rows) drawn as a figure; oracle rows in grey."""
-    headers, body = summary_cells(rows)
-    if not body:
-        body = [["(no finished runs)"] + [""] * (len(headers) - 1)]
-    # column widths from the longest text, the figure sized to the table: no empty margins
-    chars = [max(len(str(row[k])) for row in [headers, *body]) + 2 for k in range(len(headers))]
-    width = 0.065 * sum(chars)
-    height = 0.2 * (len(body) + 1) + (0.35 if title else 0.05)
-    fig = Figure(figsize=(width, height), dpi=110)
-    ax = fig.add_axes((0.005, 0.005, 0.99, (0.2 * (len(body) + 1)) / height - 0.01))
-    ax.axis("off")
-    table = ax.table(
-        cellText=body,
-        colLabels=headers,
-        cellLoc="center",
-        bbox=(0, 0, 1, 1),
-        colWidths=[c / sum(chars) for c in chars],
-    )
-    table.auto_set_font_size(False)
-    table.set_fontsize(7)
-    for (r, c), cell in table.get_celld().items():
-        cell.set_linewidth(0.4)
-        if r == 0:
-            cell.set_facecolor("#dde5f0")
-            cell.set_text_props(fontweight="bold")
-        elif "(oracle)" in body[r - 1][0]:
-            cell.set_facecolor("#f2f2f2")
-            cell.set_text_props(color="#555555")
-        if c == 0 and r > 0:
-            cell.set_text_props(ha="left")
-            cell.PAD = 0.02
-    if title:
-        fig.suptitle(title, fontsize=10, y=1 - 0.12 / height)
-    return _save(fig, path)
-
-
-def plot_gap_vs_time(results: list[dict[str, Any]], path: Path, *, title: str = "") -> Path:
-    """Avg. Gap to the oracle (percentage points) against unlearning time, per experiment
-    (mean ± std over seeds; faint dots are single seeds), labelled with the experiment's
-    number. Lower-left is better."""
-    by_exp: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        by_exp.setdefault(r["experiment"], []).append(r)
-    methods = sorted({r["method"] for r in results})
-    cmap = matplotlib.colormaps["tab10"]
-    color = {m: cmap(i % 10) for i, m in enumerate(methods)}
-    fig = Figure(figsize=(6.4, 4.2), dpi=100, layout="constrained")
-    ax = fig.add_subplot()
-    for exp, runs in by_exp.items():
-        t = np.array([r["times"]["unlearn_time"] for r in runs], dtype=float)
-        g = np.array(
-            [np.nan if r["gaps"].get("avg_gap") is None else r["gaps"]["avg_gap"] for r in runs],
-            dtype=float,
-        )
-        masked = "+mask" in exp or bool(runs[0].get("mask_kept"))
-        c = color[runs[0]["method"]]
-        ax.scatter(t, g, color=c, alpha=0.3, s=12, marker="s" if masked else "o")
-        ax.errorbar(
-            np.nanmean(t),
-            np.nanmean(g),
-            xerr=np.nanstd(t) if len(t) > 1 else None,
-            yerr=np.nanstd(g) if len(g) > 1 else None,
-            color=c,
-            marker="s" if masked else "o",
-            ms=7,
-            capsize=2,
-            mec="black",
-            mew=0.5,
-        )
-        ax.annotate(
-            exp.split("_", 1)[0],
-            (np.nanmean(t), np.nanmean(g)),
-            fontsize=6,
-            xytext=(4, 3),
-            textcoords="offset points",
-        )
-    handles = [ax.scatter([], [], color=color[m], label=m) for m in methods]
-    handles += [
-        ax.scatter(
-            [], [], color="white", edgecolors="black", marker="s", label="with saliency mask"
-        )
-    ]
-    ax.legend(handles=handles, fontsize=7)
-    ax.set_xlabel("unlearning time (s)")
-    ax.set_ylabel("Avg. Gap to oracle (pp)")
-    times = [r["times"]["unlearn_time"] for r in results if r["times"].get("unlearn_time")]
-    if times and max(times) > 30 * min(times):  # a log axis only for wide ranges
-        ax.set_xscale("log")
-        ax.xaxis.set_major_formatter(ScalarFormatter())
-        ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.grid(alpha=0.3)
-    ax.set_title(title or "Avg. Gap vs run time (lower left is better)", fontsize=10)
-    return _save(fig, path)
+@style.styled
+def plot_per_class(e: Experiment, path: Path, class_names: Sequence[str]) -> dict[str, Path]:
+    """Per-class test accuracy of base and unlearned minus the oracle's (pp), with 95%
+    intervals over the experiment's seeds; the forgotten class(es) on their own scale."""
+    fc = e.forget_classes
+    fig = style.figure(style.SINGLE, 2.4)
+    if fc:
+        ax_k, ax_f = fig.subplots(1, 2, width_ratios=[max(1, len(class_names) - len(fc)),
+                                                      1.6 * len(fc)])  # fmt: skip
+    else:
+        ax_k, ax_f = fig.add_subplot(), None
+    color, _ = style.method_style(e.method)
+    series = [
+        ("base", FG.per_class_differences(e, "base"),
+         {"marker": style.ROLE_MARKERS["base"], "color": style.ROLE_COLORS["base"], "ms": 3.5,
+          "ls": "none"}),
+        ("unlearned", FG.per_class_differences(e),
+         {"marker": style.ROLE_MARKERS["unlearned"], "color": style.ROLE_COLORS["unlearned"],
+          "ms": 4, "ls": "none"}),
+    ]  # fmt: skip
+    FG.draw_class_points((ax_k, ax_f), series, fc, class_names)
+    ax_k.set_ylabel("accuracy − oracle (pp)")
+    handles, texts = ax_k.get_legend_handles_labels()
+    fig.legend(handles, texts, loc="outside upper center", ncols=2)
+    return style.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
-# Rebuilding outputs from a run folder
+# Reading what a run saved
 
 
-def load_results(run_dir: Path) -> list[dict[str, Any]]:
-    """Every finished run's metrics.json (with ``_dir``), in experiment and seed order."""
-    found = []
-    for p in sorted((Path(run_dir) / "runs").glob("*/seed*/metrics.json")):
-        r = json.loads(p.read_text())
-        r["_dir"] = p.parent
-        found.append(r)
-    found.sort(key=lambda r: (r["experiment"], int(r["seed"])))
+def load_results(run_dir: Path) -> list[RunResult]:
+    """Every finished run's metrics.json (``run_dir`` set), in experiment and seed order."""
+    found = [
+        RunResult.read(p) for p in sorted((Path(run_dir) / "runs").glob("*/seed*/metrics.json"))
+    ]
+    found.sort(key=lambda r: (r.experiment, int(r.seed)))
     return found
 
 
-def rebuild_split(raw: Any, meta: dict[str, Any], forget_idx: list[int] | None) -> Split:
-    """The split of an unlearned model, from its sidecar and forget-index JSON.
-
-    Class-wise forgetting is rebuilt from the classes (so ``test_forget`` is right); any other
-    forget set from the saved indices. The result must reproduce the saved forget set."""
-    s = meta.get("split", {})
-    spec = s.get("forget", {})
-    if spec.get("classes"):
-        fs = ForgetSpec(classes=tuple(sorted(spec["classes"])), seed=int(spec.get("seed", 0)))
-    elif forget_idx:
-        fs = ForgetSpec(indices=tuple(sorted(forget_idx)), seed=int(spec.get("seed", 0)))
-    elif spec.get("fraction") is not None:
-        fs = ForgetSpec(fraction=float(spec["fraction"]), seed=int(spec.get("seed", 0)))
-    else:
-        fs = ForgetSpec()
-    split = make_split(raw, fs, int(s.get("split_seed", 0)), float(s.get("val_fraction", 0.1)))
-    if forget_idx is not None and sorted(split.forget.tolist()) != sorted(forget_idx):
-        raise UserError("the rebuilt forget set differs from the saved forget-index file")
-    return split
+def has_reference(stem: Path) -> bool:
+    return reference_path(stem).is_file()
 
 
 class Evaluator:
-    """Loads models and data once and recomputes per-sample outputs of a run folder."""
+    """The per-sample outputs of a run folder's runs, read from disk: each run's own, and its
+    base model's and oracle's, selected from their whole-pool outputs by the run's indices
+    (with the run's labels, so class replacement scores as the run did)."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        device: torch.device | str | None = None,
-        data_dir: Path | None = None,
-        search: Iterable[Path] = (),
-    ) -> None:
+    def __init__(self, run_dir: Path, search: Iterable[Path] = ()) -> None:
         self.run_dir = Path(run_dir)
-        self.device = pick_device(str(device) if device is not None else None)
-        self.data_dir = data_dir
         self.search = list(search)
-        self._data: dict[str, DeviceData] = {}
-        self._models: dict[str, nn.Module] = {}
-        self._outs: dict[tuple[str, str], dict[str, M.Outputs]] = {}
+        self._refs: dict[Path, dict[str, Outputs]] = {}
 
-    def data(self, meta: dict[str, Any]) -> DeviceData:
-        key = json.dumps([meta["dataset"], meta.get("dataset_args", {})], sort_keys=True)
-        if key not in self._data:
-            cfg = TrainConfig(dataset=meta["dataset"], dataset_args=meta.get("dataset_args", {}))
-            self._data[key] = DeviceData(load_data(cfg, self.data_dir), self.device)
-        return self._data[key]
+    def reference(self, ref: str) -> dict[str, Outputs] | None:
+        """Whole-pool and test-set outputs of the checkpoint `ref`, if they can be found."""
+        stem = resolve_checkpoint(ref, self.run_dir, self.search, exists=has_reference)
+        if stem is None:
+            return None
+        path = reference_path(stem)
+        if path not in self._refs:
+            self._refs[path] = load_reference(path)[0]
+        return self._refs[path]
 
-    def model(self, stem: Path) -> nn.Module:
-        key = checkpoint_key(stem)
-        if key not in self._models:
-            self._models[key] = load_checkpoint(stem, self.device)[0].eval()
-        return self._models[key]
-
-    def paths(self, r: dict[str, Any]) -> dict[str, Path | None]:
-        return {
-            "unlearned": r["_dir"] / "model",
-            "base": resolve_checkpoint(r.get("base_checkpoint"), self.run_dir, self.search),
-            "oracle": resolve_checkpoint(r.get("oracle_checkpoint"), self.run_dir, self.search),
-        }
-
-    def outputs(self, r: dict[str, Any]) -> tuple[dict[str, dict[str, M.Outputs]], DeviceData]:
-        """Outputs on forget, test and test_forget of each model of the run that can be found."""
-        meta = read_meta(r["_dir"] / "model")
-        data = self.data(meta)
-        try:
-            forget_idx = forget_indices_of(r["_dir"] / "model")
-        except (OSError, json.JSONDecodeError):
-            forget_idx = None
-        split = rebuild_split(data.raw, meta, forget_idx)
-        skey = str(r.get("forget", {}).get("sha256")) + str(split.spec.classes)
-        result: dict[str, dict[str, M.Outputs]] = {}
-        for role, stem in self.paths(r).items():
-            if stem is None:
-                print(
-                    f"warning: {r['_dir']}: {role} checkpoint not found; left out", file=sys.stderr
-                )
+    def outputs(self, r: RunResult) -> tuple[dict[str, dict[str, Outputs]], dict[str, Any]]:
+        """Outputs per model (base, unlearned, oracle: those found) and split, and what the
+        run's outputs file says about the data (``num_classes``, ``classes``)."""
+        if r.run_dir is None:
+            raise UserError(f"{r.experiment} seed {r.seed}: not read from a run folder")
+        own, meta = load_outputs(r.run_dir / OUTPUTS_FILE)
+        found = {"unlearned": own}
+        idx = {n: o.indices for n, o in own.items()}
+        labels = {n: o.labels for n, o in own.items()}
+        for role, ref in (("base", r.base_checkpoint), ("oracle", r.oracle_checkpoint)):
+            whole = self.reference(ref)
+            if whole is None:
+                print(f"warning: {r.run_dir}: outputs of the {role} checkpoint {ref} not "
+                      "found; left out", file=sys.stderr)  # fmt: skip
                 continue
-            key = (checkpoint_key(stem), skey)
-            if key not in self._outs:
-                model = self.model(stem)
-                outs = {}
-                for name in ("forget", "test", "test_forget"):
-                    src = "test" if name.startswith("test") else "train"
-                    idx = getattr(split, name)
-                    outs[name] = M.collect_outputs(model, data.batches(idx, EVAL_BATCH, source=src))
-                self._outs[key] = outs
-            result[role] = self._outs[key]
-        return result, data
+            found[role] = select_splits(whole, idx, labels)
+        return {k: found[k] for k in ROLES if k in found}, meta
 
 
-def run_plots(ev: Evaluator, r: dict[str, Any], out: Path) -> list[Plot]:
-    """Loss histograms, confusion matrices and per-class accuracy of one run."""
-    outs, data = ev.outputs(r)
-    exp, seed = r["experiment"], int(r["seed"])
-    d = out / exp / f"seed{seed}"
-    label = f"{exp}, seed {seed}"
-    nc = data.num_classes
-    names = data.raw.classes
-    fc = list(r.get("forget", {}).get("classes") or [])
-    roles = [k for k in ROLES if k in outs]
-    section = f"{exp} (seed {seed})"
+# ---------------------------------------------------------------------------------------------
+# The figures of one experiment
 
-    hist = []
-    for role in roles:
-        o = outs[role]
-        mia = M.loss_mia(o["forget"], o["test"], seed)["loss_mia_acc"]
-        hist.append((ROLE_TITLES[role], o["forget"].losses.numpy(), o["test"].losses.numpy(), mia))
-    plots = [
-        Plot(
-            plot_loss_histograms(hist, d / "loss_hist.png", title=f"Losses: {label}"),
-            f"Per-sample cross-entropy of forget (red) and test (blue) samples, {label}. "
-            "The loss-MIA accuracy in each title is the NeurIPS 2023 kit's logistic-regression "
-            "attack telling forget from test samples by their loss: 0.5 means it cannot.",
-            section,
-            "Loss distributions",
-        )
-    ]
-    conf, per_class = [], {}
-    for role in roles:
-        full = M.concat_outputs(outs[role]["test"], outs[role]["test_forget"])
-        conf.append((ROLE_TITLES[role], full.labels.numpy(), full.preds.numpy()))
-        per_class[role] = M.per_class_accuracy(full, nc)
-    plots.append(
-        Plot(
-            plot_confusion_matrices(
-                conf,
-                nc,
-                d / "confusion.png",
-                title=f"Test set: {label}",
-                class_names=names,
-                forget_classes=fc,
-            ),
-            f"Row-normalised confusion matrices on the whole test set, {label}"
-            + (f"; forgotten class(es) {', '.join(map(str, fc))} in red." if fc else "."),
-            section,
-            "Confusion matrices",
-        )
-    )
-    plots.append(
-        Plot(
-            plot_per_class_accuracy(
-                per_class,
-                d / "per_class_acc.png",
-                title=f"Per-class test accuracy: {label}",
-                class_names=names,
-                forget_classes=fc,
-            ),
-            f"Test accuracy per class of base, unlearned and retrain-oracle models, {label}.",
-            section,
-            "Per-class accuracy",
-        )
-    )
-    return plots
+
+class SeedData:
+    """What the figures of one run need from its outputs: losses, confusion counts, loss-MIA."""
+
+    def __init__(self, r: RunResult, outs: dict[str, dict[str, Outputs]], nc: int) -> None:
+        self.run = r
+        self.roles = list(outs)
+        self.forget = {k: o["forget"].losses.numpy() for k, o in outs.items()}
+        self.test = {k: o["test"].losses.numpy() for k, o in outs.items()}
+        self.mia = {k: M.loss_mia(o["forget"], o["test"], int(r.seed))["loss_mia_acc"]
+                    for k, o in outs.items()}  # fmt: skip
+        self.counts = {}
+        for k, o in outs.items():
+            full = M.concat_outputs(o["test"], o.get("test_forget"))
+            self.counts[k] = confusion(full.labels.numpy(), full.preds.numpy(), nc)
+
+
+def _seeds_text(n: int) -> str:
+    return f"pooled over {n} seeds" if n > 1 else "one seed"
+
+
+def experiment_plots(
+    e: Experiment, data: list[SeedData], names: list[str], out: Path
+) -> tuple[list[Plot], list[Plot]]:
+    """The experiment's figures over all its seeds, and each seed's alone."""
+    fc = e.forget_classes
+    forgotten = (f"; forgotten class(es) {', '.join(names[c] for c in fc)} outlined"
+                 if fc else "")  # fmt: skip
+
+    def group(rows: list[SeedData], d: Path, seed: int | None) -> list[Plot]:
+        roles = [k for k in ROLES if all(k in s.roles for s in rows)]
+        where = "this seed" if seed is not None else _seeds_text(len(rows))
+        hist = []
+        for k in roles:
+            f = np.concatenate([s.forget[k] for s in rows])
+            t = np.concatenate([s.test[k] for s in rows])
+            hist.append((ROLE_TITLES[k], f, t, mean_ci([s.mia[k] for s in rows]).text(1, 3)))
+        plots = [
+            Plot(style.primary(files := plot_loss_histograms(hist, d / "loss_hist")), (
+                f"Per-sample cross-entropy of forget (vermillion) and test (blue) samples, {where}. "
+                "The loss-MIA accuracy (mean ± 95% t-interval over seeds) is the NeurIPS 2023 "
+                "kit's logistic-regression attack telling forget from test samples by their loss: "
+                "0.5 means it cannot."), "", "Loss distributions", files, e.name, seed),
+        ]  # fmt: skip
+        counts = [(ROLE_TITLES[k], sum(s.counts[k] for s in rows)) for k in roles]
+        files = plot_confusion_matrices(counts, d / "confusion", class_names=names,
+                                        forget_classes=fc)  # fmt: skip
+        plots.append(Plot(style.primary(files), (
+            f"Confusion matrices on the whole test set ({where}), in percent of each true class "
+            f"(rows sum to 100; cells below {HIDE_BELOW_PCT}% left empty){forgotten}. TA in the "
+            "titles is the accuracy over the classes the summary table's test accuracy covers."),
+            "", "Confusion matrices", files, e.name, seed))  # fmt: skip
+        sub = Experiment(e.name, [s.run for s in rows])
+        files = plot_per_class(sub, d / "per_class", names)
+        plots.append(Plot(style.primary(files), (
+            "Test accuracy per class minus the retrain oracle's (green line), in percentage "
+            "points, of the base model (grey squares) and the unlearned model (blue dots)"
+            + (", 95% t-intervals over seeds" if len(rows) > 1 else "")
+            + ("; the forgotten class(es) on their own scale at the right." if fc else ".")),
+            "", "Per-class accuracy vs oracle", files, e.name, seed))  # fmt: skip
+        return plots
+
+    overall = group(data, out / e.name, None)
+    per_seed = [p for s in data for p in group([s], out / e.name / f"seed{s.run.seed}", s.run.seed)]
+    return overall, per_seed
 
 
 def make_run_plots(
     run_dir: str | Path,
     out: str | Path | None = None,
     *,
-    device: torch.device | str | None = None,
-    data_dir: Path | None = None,
     search: Iterable[Path] = (),
     quiet: bool = False,
 ) -> list[Plot]:
-    """Every evaluation plot of a run folder (default ``<run>/plots``); returns them in order:
-    summary table, gap vs time, then per run loss histograms, confusion, per-class bars."""
+    """Every evaluation figure of a run folder (default ``<run>/plots``), in report order: the
+    paper figures, then per experiment its figures over seeds, then per seed.
+    `search`: folders to look in for the base and oracle outputs (as for checkpoints)."""
     run_dir = Path(run_dir)
     results = load_results(run_dir)
     if not results:
         raise UserError(f"{run_dir}: no finished runs (runs/*/seed*/metrics.json) found")
     out = Path(out) if out is not None else run_dir / "plots"
-    order = sorted({r["experiment"] for r in results})
-    rows = summarize(results, order)
-    plots = [
-        Plot(
-            plot_summary_table(rows, out / "summary_table.png"),
-            "Mean ± std over seeds of each experiment; the retrain oracle's numbers below it.",
-            "Summary",
-            "Summary table",
-        ),
-        Plot(
-            plot_gap_vs_time(results, out / "gap_vs_time.png"),
-            "Avg. Gap to the retrain oracle (mean |difference| of UA, RA, TA and MIA-Efficacy, "
-            "percentage points) against unlearning wall time, one point per experiment, labelled "
-            "with its number; squares used the saliency mask.",
-            "Summary",
-            "Avg. Gap vs run time",
-        ),
-    ]
-    ev = Evaluator(run_dir, device, data_dir, search)
-    for r in tqdm(results, desc="plots", unit="run", disable=quiet or None):
-        plots += run_plots(ev, r, out)
-    return plots
+    ev = Evaluator(run_dir, search)
+    exps = FG.experiments(results)
+    data: dict[str, list[SeedData]] = {}
+    names: list[str] = []
+    for r in tqdm(results, desc="outputs", unit="run", disable=quiet or None):
+        outs, info = ev.outputs(r)
+        nc = int(info["num_classes"])
+        names = [str(c) for c in info.get("classes") or range(nc)]
+        data.setdefault(r.experiment, []).append(SeedData(r, outs, nc))
+    paper = FG.paper_plots(results, out / "paper", names)
+    best = FG.best(exps)
+    rest: list[Plot] = []
+    for e in tqdm(exps, desc="figures", unit="experiment", disable=quiet or None):
+        overall, per_seed = experiment_plots(e, data[e.name], names, out)
+        rest += overall + per_seed
+        if e.name == best.name:
+            conf = next(p for p in overall if p.title == "Confusion matrices")
+            paper.append(Plot(conf.path, (
+                f"Confusion matrices of {e.name}, the experiment with the smallest mean Avg. Gap"
+                f"{' among the class-wise ones' if e.kind == 'class-wise' else ''}: "
+                + conf.caption[0].lower() + conf.caption[1:]), "paper",
+                "Confusion matrices (best experiment)", conf.files))  # fmt: skip
+    return paper + rest
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = new_parser(__doc__)
     p.add_argument("run", type=Path, nargs="+", help="run folder(s) made by main.py")
-    p.add_argument("--out", type=Path, default=None, help="default: <run>/plots")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: auto)")
-    p.add_argument("--data-dir", type=Path, default=None, help="default: $DATA_DIR or ./data")
-    p.add_argument(
-        "--checkpoints",
-        type=Path,
-        action="append",
-        default=[],
-        help="where to look for base/oracle checkpoints",
-    )
+    add_out(p, "default: <run>/plots")
+    add_fig_format(p)
+    add_device(p)
+    add_data_dir(p)
+    add_checkpoints(p, search=True)
     return p
 
 
@@ -563,14 +372,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     for run in args.run:
         out = (args.out / run.name if len(args.run) > 1 else args.out) if args.out else None
-        plots = make_run_plots(
-            run,
-            out,
-            device=args.device,
-            data_dir=args.data_dir,
-            search=args.checkpoints + [Path("checkpoints")],
-        )
-        print(f"{run}: {len(plots)} plots in {plots[0].path.parent}")
+        # --device and --data-dir stay accepted; the figures read saved outputs and need neither
+        with style.formats(args.fig_format):
+            plots = make_run_plots(run, out, search=args.checkpoints + [Path("checkpoints")])
+        print(f"{run}: {len(plots)} figures in {plots[0].path.parent.parent}")
     return 0
 
 

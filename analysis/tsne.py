@@ -1,6 +1,6 @@
-"""t-SNE maps of penultimate features: per model in 2-D and 3-D, and base/unlearned/oracle side by side.
+"""t-SNE maps of penultimate features: per model, and base/unlearned/oracle side by side.
 
-    python tsne_vis.py -D features/quickstart -S 500 --out images/
+    python tsne_vis.py -D features/quickstart -S 500 --out images/ [--gif]
 
 t-SNE: L. van der Maaten and G. Hinton, "Visualizing Data using t-SNE", JMLR 9 (2008),
 2579-2605, as implemented by scikit-learn (``sklearn.manifold.TSNE``, Barnes-Hut, PCA
@@ -8,35 +8,41 @@ initialisation, fixed ``random_state``). Features wider than 50 dimensions are f
 50 with PCA, as the paper recommends.
 
 Every model of the same feature sample is mapped on the same ``-S`` samples (chosen by
-position with ``--seed``). Points are coloured by true class; samples in the forget set are
-drawn larger, with a black edge. Outputs (mirroring the feature folder under
-``--out``, default ``images/<name of -D>``): ``<model>_tsne2d.png``, ``<model>_tsne3d.png``,
-``<model>_tsne3d.gif`` (a short rotation of the 3-D map) and, for unlearned models,
-``<model>_tsne_compare.png`` with base, unlearned and retrain oracle side by side. t-SNE
-orientation is arbitrary, so the unlearned and oracle maps are rotated/reflected onto the
-base map (orthogonal Procrustes) to make the panels comparable; distances are unchanged.
+position with ``--seed``). Points are coloured by class (``analysis/style.py``); forget samples
+are drawn on top as large vermillion crosses, a colour no class uses. Outputs (mirroring the
+feature folder under ``--out``, default ``images/<name of -D>``), each as PDF, SVG and PNG:
+``<model>_tsne2d`` and, for unlearned models, ``<model>_tsne_compare`` with base, unlearned and
+retrain oracle side by side; ``--gif`` adds ``<model>_tsne3d.gif``, a rotating 3-D map. t-SNE
+orientation is arbitrary, so the unlearned and oracle maps are rotated/reflected onto the base
+map (orthogonal Procrustes) to make the panels comparable; distances are unchanged.
+
+Each comparison panel gives the **separation** of the forget samples (:func:`separation`, their
+mean silhouette against all other samples, computed on the features, not on the map): t-SNE
+distances between clusters mean little, the score says how far the forget samples really form a
+group of their own.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from tqdm.auto import tqdm
 
+from analysis import style
 from analysis.features import FeatureSet, load_features, load_index
+from analysis.figures import Interval
+from analysis.style import ROLE_TITLES
 from analysis.wasserstein import stem_of, subsample
+from core.cli_options import add_feature_io, add_fig_format, new_parser
 from core.errors import UserError, cli
-
-matplotlib.use("Agg")  # headless; this module never imports pyplot
 
 DEFAULT_SAMPLES = 500
 DEFAULT_ITER = 500
@@ -87,16 +93,60 @@ def align(y: np.ndarray, ref: np.ndarray) -> np.ndarray:
     return yc @ r
 
 
-def class_colors(num_classes: int) -> np.ndarray:
-    """One RGBA colour per class: tab10 / tab20, else an evenly sampled turbo map."""
-    if num_classes <= 10:
-        cmap = matplotlib.colormaps["tab10"]
-        return np.array([cmap(i) for i in range(num_classes)])
-    if num_classes <= 20:
-        cmap = matplotlib.colormaps["tab20"]
-        return np.array([cmap(i) for i in range(num_classes)])
-    cmap = matplotlib.colormaps["turbo"]
-    return np.array([cmap(i / max(1, num_classes - 1)) for i in range(num_classes)])
+def separation(x: np.ndarray, forget: np.ndarray) -> float:
+    """How far the forget samples form a cluster of their own: the mean silhouette
+    (Rousseeuw, J. Comput. Appl. Math. 20, 1987) of the forget samples, with the forget samples
+    and all the others as the two clusters, on Euclidean distances in `x` (features or a map).
+
+    s(i) = (b(i) - a(i)) / max(a(i), b(i)), a = mean distance to the other forget samples,
+    b = mean distance to the rest: near 1 a tight, distant cluster, near 0 mixed in, below 0
+    closer to the rest than to each other. NaN with fewer than two forget samples or no rest."""
+    from scipy.spatial.distance import cdist
+
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    forget = np.asarray(forget, dtype=bool)
+    nf = int(forget.sum())
+    if nf < 2 or nf == len(x):
+        return float("nan")
+    xf = x[forget]
+    a = cdist(xf, xf).sum(axis=1) / (nf - 1)
+    b = cdist(xf, x[~forget]).mean(axis=1)
+    denom = np.maximum(a, b)
+    s = np.where(denom > 0, (b - a) / np.where(denom > 0, denom, 1.0), 0.0)
+    return float(s.mean())
+
+
+def reading_guide(scores: Mapping[str, Interval], tol: float = 0.05) -> str:
+    """What the separation scores of base, unlearned and oracle say, in two sentences."""
+    shown = [f"{ROLE_TITLES[k]} {v.text(1, 2)}" for k, v in scores.items() if v.n]
+    if not shown:
+        return ""
+    n = max(v.n for v in scores.values())
+    out = (
+        "Separation of the forget samples from the other samples in feature space (mean "
+        f"silhouette{', mean ± 95% t-interval over ' + str(n) + ' seeds' if n > 1 else ''}; 1: "
+        f"a cluster of their own, 0: mixed in): {', '.join(shown)}."
+    )
+    b, u, o = (scores.get(k) for k in ("base", "unlearned", "oracle"))
+    if u is not None and o is not None and u.n and o.n:
+        d = u.mean - o.mean
+        if abs(d) <= tol:
+            out += " The unlearned model separates them as much as the retrain oracle does."
+        elif d > 0:
+            out += (f" The unlearned model keeps them {d:.2f} more apart than the oracle: they "
+                    "remain more of a group of their own than after retraining.")  # fmt: skip
+        else:
+            out += (f" The unlearned model keeps them {-d:.2f} less apart than the oracle: it "
+                    "mixes them into the other samples more than retraining does.")  # fmt: skip
+    if b is not None and o is not None and b.n and o.n:
+        if abs(o.mean - b.mean) <= 2 * tol:
+            out += (" Retraining without them leaves their separation about where the base "
+                    f"model has it ({b.mean:.2f} → {o.mean:.2f}), so a cluster of forget samples "
+                    "in the map is expected here and is not by itself a failure to unlearn.")  # fmt: skip
+        else:
+            out += (f" Retraining without them moves it from {b.mean:.2f} to {o.mean:.2f}; an "
+                    "unlearned model close to the oracle's value looks like retraining.")  # fmt: skip
+    return out
 
 
 def _scatter(
@@ -104,12 +154,11 @@ def _scatter(
 ) -> None:
     keep = ~forget
     pts = [y[keep, k] for k in range(y.shape[1])]
-    ax.scatter(*pts, c=colors[labels[keep]], s=7, alpha=0.65, linewidths=0)
-    if forget.any():
+    ax.scatter(*pts, c=colors[labels[keep]], s=5, alpha=0.7, linewidths=0)
+    if forget.any():  # on top, large, in the one colour no class uses
         pts = [y[forget, k] for k in range(y.shape[1])]
-        ax.scatter(
-            *pts, c=colors[labels[forget]], s=22, marker="o", edgecolors="black", linewidths=0.7
-        )
+        ax.scatter(*pts, c=style.FORGET_COLOR, s=16, marker="X", edgecolors="white",
+                   linewidths=0.3)  # fmt: skip
 
 
 def _legend(
@@ -117,19 +166,22 @@ def _legend(
     class_names: Sequence[str],
     colors: np.ndarray,
     present: set[int],
+    forget_classes: Sequence[int],
     with_forget: bool,
+    ncols: int,
 ) -> None:
+    shown = [c for c in sorted(present) if c not in set(forget_classes)][:20]
     handles = [
-        Line2D([], [], marker="o", ls="", color=colors[c], label=str(class_names[c]), ms=5)
-        for c in sorted(present)
+        Line2D([], [], marker="o", ls="", color=colors[c], label=str(class_names[c]), ms=4)
+        for c in shown
     ]
-    if len(handles) > 20:
-        handles = handles[:20]
     if with_forget:
-        handles.append(
-            Line2D([], [], marker="o", ls="", mfc="white", mec="black", label="forget sample", ms=6)
-        )
-    fig.legend(handles=handles, loc="outside right center", fontsize=7, frameon=False)
+        what = ("forget samples (class " + ", ".join(str(class_names[c]) for c in forget_classes)
+                + ")" if forget_classes else "forget samples")  # fmt: skip
+        handles.append(Line2D([], [], marker="X", ls="", color=style.FORGET_COLOR, mec="white",
+                              mew=0.3, label=what, ms=6))  # fmt: skip
+    fig.legend(handles=handles, loc="outside lower center", ncols=ncols, columnspacing=0.8,
+               handletextpad=0.1)  # fmt: skip
 
 
 def _class_names(labels: np.ndarray, class_names: Sequence[str] | None) -> list[str]:
@@ -138,6 +190,7 @@ def _class_names(labels: np.ndarray, class_names: Sequence[str] | None) -> list[
     return list(class_names or map(str, range(nc)))
 
 
+@style.styled
 def plot_tsne_2d(
     y: np.ndarray,
     labels: np.ndarray,
@@ -146,20 +199,20 @@ def plot_tsne_2d(
     *,
     title: str,
     class_names: Sequence[str] | None = None,
+    forget_classes: Sequence[int] = (),
 ) -> Path:
     """One 2-D t-SNE map, coloured by class, forget samples marked."""
     names = _class_names(labels, class_names)
-    colors = class_colors(len(names))
-    fig = Figure(figsize=(5.6, 4.6), dpi=100, layout="constrained")
+    colors = style.class_colors(len(names), forget_classes)
+    fig = style.figure(style.SINGLE, 3.5)
     ax = fig.add_subplot()
     _scatter(ax, y, labels, forget, colors)
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
-    _legend(fig, names, colors, set(labels.tolist()), bool(forget.any()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    ax.spines[:].set_visible(True)
+    ax.set_title(title)
+    _legend(fig, names, colors, set(labels.tolist()), forget_classes, bool(forget.any()), 6)
+    return style.primary(style.save_figure(fig, path))
 
 
 def _figure_3d(
@@ -168,40 +221,21 @@ def _figure_3d(
     forget: np.ndarray,
     title: str,
     names: Sequence[str],
-    size: tuple[float, float] = (5.6, 4.6),
-    dpi: int = 100,
-    legend: bool = True,
+    forget_classes: Sequence[int],
+    dpi: int,
 ) -> tuple[Figure, Any]:
-    colors = class_colors(len(names))
-    fig = Figure(figsize=size, dpi=dpi, layout="constrained")
+    colors = style.class_colors(len(names), forget_classes)
+    fig = Figure(figsize=(style.SINGLE, 3.0), dpi=dpi, layout="constrained")
     ax = fig.add_subplot(projection="3d")
     _scatter(ax, y, labels, forget, colors)
     ax.set_xticklabels([])
     ax.set_yticklabels([])
     ax.set_zticklabels([])
-    ax.set_title(title, fontsize=9)
-    if legend:
-        _legend(fig, names, colors, set(labels.tolist()), bool(forget.any()))
+    ax.set_title(title)
     return fig, ax
 
 
-def plot_tsne_3d(
-    y: np.ndarray,
-    labels: np.ndarray,
-    forget: np.ndarray,
-    path: Path,
-    *,
-    title: str,
-    class_names: Sequence[str] | None = None,
-) -> Path:
-    """One 3-D t-SNE map (a fixed view), coloured by class, forget samples marked."""
-    fig, ax = _figure_3d(y, labels, forget, title, _class_names(labels, class_names))
-    ax.view_init(elev=20, azim=35)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
-
-
+@style.styled
 def tsne_gif(
     y: np.ndarray,
     labels: np.ndarray,
@@ -210,14 +244,15 @@ def tsne_gif(
     *,
     title: str,
     class_names: Sequence[str] | None = None,
+    forget_classes: Sequence[int] = (),
     frames: int = GIF_FRAMES,
-    dpi: int = 80,
+    dpi: int = 100,
 ) -> Path:
     """A looping GIF of the 3-D map turning once around its vertical axis (``frames`` views)."""
     from PIL import Image
 
     names = _class_names(labels, class_names)
-    fig, ax = _figure_3d(y, labels, forget, title, names, size=(4.2, 3.6), dpi=dpi, legend=False)
+    fig, ax = _figure_3d(y, labels, forget, title, names, forget_classes, dpi)
     canvas = FigureCanvasAgg(fig)
     images = []
     for k in range(max(1, frames)):
@@ -232,31 +267,69 @@ def tsne_gif(
     return path
 
 
+@style.styled
 def plot_tsne_compare(
     maps: Sequence[tuple[str, np.ndarray]],
     labels: np.ndarray,
     forget: np.ndarray,
     path: Path,
     *,
-    title: str,
+    title: str = "",
     class_names: Sequence[str] | None = None,
-) -> Path:
-    """2-D maps of several models on the same samples, side by side, aligned to the first."""
+    forget_classes: Sequence[int] = (),
+    scores: Mapping[str, float] | None = None,
+) -> dict[str, Path]:
+    """2-D maps of several models on the same samples, side by side, aligned to the first;
+    ``scores`` (by panel name) go under the panel titles."""
     names = _class_names(labels, class_names)
-    colors = class_colors(len(names))
-    fig = Figure(figsize=(3.8 * len(maps) + 1.2, 4.0), dpi=100, layout="constrained")
+    colors = style.class_colors(len(names), forget_classes)
+    fig = style.figure(style.DOUBLE, 2.9)
     axes = fig.subplots(1, len(maps), squeeze=False)[0]
     ref = maps[0][1]
     for ax, (name, y) in zip(axes, maps, strict=True):
         _scatter(ax, align(y, ref) if y is not ref else y - y.mean(0), labels, forget, colors)
         ax.set_xticks([])
         ax.set_yticks([])
-        ax.set_title(name, fontsize=9)
-    _legend(fig, names, colors, set(labels.tolist()), bool(forget.any()))
-    fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+        ax.spines[:].set_visible(True)
+        score = (scores or {}).get(name)
+        extra = f"\nseparation {score:.2f}" if score is not None and np.isfinite(score) else ""
+        ax.set_title(ROLE_TITLES.get(name, name) + extra)
+    _legend(fig, names, colors, set(labels.tolist()), forget_classes, bool(forget.any()), 11)
+    if title:
+        fig.suptitle(title)
+    return style.save_figure(fig, path)
+
+
+def embed_models(
+    features_dir: Path,
+    files: Sequence[str],
+    *,
+    samples: int,
+    seed: int,
+    max_iter: int,
+    quiet: bool,
+) -> dict[str, tuple[FeatureSet, np.ndarray]]:
+    """The (subsampled) features and the 2-D t-SNE map of each feature file."""
+    out = {}
+    for f in tqdm(files, desc="t-SNE", unit="model", disable=quiet or None):
+        fs = subsample(load_features(features_dir / f), samples, seed)
+        out[f] = (fs, tsne_embed(fs.features, 2, seed=seed, max_iter=max_iter))
+    return out
+
+
+def compare_panels(
+    e: dict[str, Any], maps: dict[str, tuple[FeatureSet, np.ndarray]]
+) -> list[tuple[str, str]]:
+    """(role, file) of the base, the unlearned model and the oracle of an unlearned entry,
+    those that were mapped; all must share the unlearned model's samples."""
+    u = maps[e["file"]][0]
+    panels = []
+    for role, f in (("base", e.get("base")), ("unlearned", e["file"]), ("oracle", e.get("oracle"))):
+        if f and f in maps:
+            if not np.array_equal(maps[f][0].indices, u.indices):
+                raise UserError(f"{f} and {e['file']} were extracted on different samples")
+            panels.append((role, f))
+    return panels
 
 
 def run(
@@ -266,19 +339,18 @@ def run(
     samples: int = DEFAULT_SAMPLES,
     seed: int = 0,
     max_iter: int = DEFAULT_ITER,
-    three_d: bool = True,
-    gif: bool = True,
+    gif: bool = False,
     frames: int = GIF_FRAMES,
     only_compare: bool = False,
     quiet: bool = False,
 ) -> list[Path]:
-    """All t-SNE images for the feature folder; returns the files written.
+    """All t-SNE figures of the feature folder; returns the files written (PNG, else the first
+    format written; GIFs as they are).
 
     ``only_compare`` maps just the unlearned models that have a base or oracle, with them,
-    and writes only the side-by-side figures (what the report uses)."""
+    and writes only the side-by-side figures."""
     features_dir, out = Path(features_dir), Path(out)
     entries = load_index(features_dir)
-    by_file = {e["file"]: e for e in entries}
     if only_compare:
         wanted: list[str] = []
         for e in entries:
@@ -286,107 +358,56 @@ def run(
                 for f in (e.get("base"), e["file"], e.get("oracle")):
                     if f and f not in wanted:
                         wanted.append(f)
-        todo = [by_file[f] for f in wanted]
+        todo = [e for f in wanted for e in entries if e["file"] == f]
     else:
         todo = entries
-    sets: dict[str, FeatureSet] = {}
-    maps2: dict[str, np.ndarray] = {}
+    maps = embed_models(features_dir, [e["file"] for e in todo], samples=samples, seed=seed,
+                        max_iter=max_iter, quiet=quiet)  # fmt: skip
     written: list[Path] = []
-    for e in tqdm(todo, desc="t-SNE", unit="model", disable=quiet or None):
-        fs = subsample(load_features(features_dir / e["file"]), samples, seed)
-        sets[e["file"]] = fs
-        stem = stem_of(e["file"])
-        title = f"{fs.name} ({e['role']})"
-        maps2[e["file"]] = tsne_embed(fs.features, 2, seed=seed, max_iter=max_iter)
-        if only_compare:
-            continue
-        written.append(
-            plot_tsne_2d(
-                maps2[e["file"]],
-                fs.labels,
-                fs.forget,
-                out / f"{stem}_tsne2d.png",
-                title=title,
-                class_names=fs.class_names,
-            )
-        )
-        if three_d:
-            y3 = tsne_embed(fs.features, 3, seed=seed, max_iter=max_iter)
-            written.append(
-                plot_tsne_3d(
-                    y3,
-                    fs.labels,
-                    fs.forget,
-                    out / f"{stem}_tsne3d.png",
-                    title=title,
-                    class_names=fs.class_names,
-                )
-            )
-            if gif:
-                written.append(
-                    tsne_gif(
-                        y3,
-                        fs.labels,
-                        fs.forget,
-                        out / f"{stem}_tsne3d.gif",
-                        title=title,
-                        class_names=fs.class_names,
-                        frames=frames,
-                    )
-                )
     for e in todo:
+        fs, y2 = maps[e["file"]]
+        stem = stem_of(e["file"])
+        fc = fs.meta.get("forget_classes") or []
+        title = f"{fs.name} ({e['role']})"
+        if not only_compare:
+            written.append(plot_tsne_2d(y2, fs.labels, fs.forget, out / f"{stem}_tsne2d",
+                                        title=title, class_names=fs.class_names,
+                                        forget_classes=fc))  # fmt: skip
+            if gif:
+                y3 = tsne_embed(fs.features, 3, seed=seed, max_iter=max_iter)
+                written.append(tsne_gif(y3, fs.labels, fs.forget, out / f"{stem}_tsne3d.gif",
+                                        title=title, class_names=fs.class_names,
+                                        forget_classes=fc, frames=frames))  # fmt: skip
         if e["role"] != "unlearned":
             continue
-        u = sets[e["file"]]
-        panels = []
-        for role, f in (
-            ("base", e.get("base")),
-            ("unlearned", e["file"]),
-            ("retrain oracle", e.get("oracle")),
-        ):
-            if f and f in maps2:
-                if not np.array_equal(sets[f].indices, u.indices):
-                    raise UserError(f"{f} and {e['file']} were extracted on different samples")
-                panels.append((role, maps2[f]))
+        panels = compare_panels(e, maps)
         if len(panels) > 1:
-            p = out / f"{stem_of(e['file'])}_tsne_compare.png"
             # the unlearned model's forget set is marked in every panel
-            written.append(
-                plot_tsne_compare(
-                    panels,
-                    u.labels,
-                    u.forget,
-                    p,
-                    title=f"{u.name}: t-SNE of penultimate features",
-                    class_names=u.class_names,
-                )
-            )
+            files = plot_tsne_compare(
+                [(role, maps[f][1]) for role, f in panels], fs.labels, fs.forget,
+                out / f"{stem}_tsne_compare", title=f"{fs.name}: t-SNE of penultimate features",
+                class_names=fs.class_names, forget_classes=fc,
+                scores={role: separation(maps[f][0].features, fs.forget) for role, f in panels},
+            )  # fmt: skip
+            written.append(style.primary(files))
     return written
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("-D", "--dir", type=Path, required=True, help="feature folder")
-    p.add_argument(
-        "-S",
-        "--samples",
-        type=int,
-        default=DEFAULT_SAMPLES,
-        help="samples per map, the same for every model; 0 = all (%(default)s)",
-    )
-    p.add_argument("--out", type=Path, default=None, help="default: images/<name of -D>")
+    p = new_parser(__doc__)
+    add_feature_io(p, folder="feature folder", samples=DEFAULT_SAMPLES,
+                   samples_help="samples per map, the same for every model; 0 = all",
+                   out="default: images/<name of -D>")  # fmt: skip
     p.add_argument("--seed", type=int, default=0, help="t-SNE random_state and subsample seed")
     p.add_argument("--iter", type=int, default=DEFAULT_ITER, help="t-SNE iterations (>= 250)")
+    p.add_argument("--gif", action="store_true", help="add a rotating 3-D map per model (GIF)")
     p.add_argument("--frames", type=int, default=GIF_FRAMES, help="GIF frames (%(default)s)")
-    p.add_argument("--no-3d", action="store_true", help="skip the 3-D maps and GIFs")
-    p.add_argument("--no-gif", action="store_true", help="skip the GIFs")
     p.add_argument(
         "--compare-only",
         action="store_true",
         help="only the base/unlearned/oracle side-by-side maps",
     )
+    add_fig_format(p)
     return p
 
 
@@ -394,18 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = args.out or Path("images") / args.dir.resolve().name
-    written = run(
-        args.dir,
-        out,
-        samples=args.samples,
-        seed=args.seed,
-        max_iter=args.iter,
-        three_d=not args.no_3d,
-        gif=not args.no_gif,
-        frames=args.frames,
-        only_compare=args.compare_only,
-    )
-    print(f"{len(written)} images in {out}")
+    with style.formats(args.fig_format):
+        written = run(
+            args.dir,
+            out,
+            samples=args.samples,
+            seed=args.seed,
+            max_iter=args.iter,
+            gif=args.gif,
+            frames=args.frames,
+            only_compare=args.compare_only,
+        )
+    print(f"{len(written)} figures in {out}")
     return 0
 
 

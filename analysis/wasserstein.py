@@ -22,13 +22,13 @@ may have different sizes). Consequences used by the tests: SW_2(X, X) = 0; shift
 cloud by a vector v gives exactly (1/L * sum_l <theta_l, v>^2)^(1/2), which tends to
 |v| / sqrt(d); in one dimension SW_2 is the exact W_2, |v| for a shift by v.
 
-Outputs (mirroring the feature folder under ``--out``, default ``images/<name of -D>``):
-``<model>_wasserstein.png`` (heat map), ``<model>_wasserstein_compare.png`` for unlearned
-models (base, unlearned, oracle and the delta maps unlearned - base and unlearned - oracle),
-and ``wasserstein.json`` with all matrices. Colour scales are fixed for all models of the same
-sample and anchored on the reference models: distances 0..R with R the largest base/oracle
-entry, deltas -R/2..+R/2; values beyond saturate (arrows on the colour bars) and each panel
-title gives its own maximum.
+Outputs (mirroring the feature folder under ``--out``, default ``images/<name of -D>``), each
+as PDF, SVG and PNG: ``<model>_wasserstein`` (heat map), ``<model>_wasserstein_compare`` for
+unlearned models (base, unlearned, oracle, then the delta maps unlearned - base and unlearned -
+oracle), and ``wasserstein.json`` with all matrices. The distance maps of all models of the same
+sample share one colour scale anchored on the reference models (0..R, R the largest base/oracle
+entry; a larger value saturates and its panel title gives its own maximum); the delta maps of a
+figure share their own symmetric scale, +-(their largest |delta|).
 """
 
 from __future__ import annotations
@@ -41,15 +41,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import matplotlib
 import numpy as np
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from analysis import style
 from analysis.features import FeatureSet, load_features, load_index
+from core.cli_options import add_feature_io, add_fig_format, new_parser
 from core.errors import UserError, cli
-
-matplotlib.use("Agg")  # headless; this module never imports pyplot
 
 DEFAULT_PROJECTIONS = 256
 
@@ -128,6 +126,8 @@ def class_distance_matrix(
 # ---------------------------------------------------------------------------------------------
 # Plots
 
+CELL_TEXT_MAX_CLASSES = 10  # numbers in the cells of a single-model map stay >= 8 pt
+
 
 def _heatmap(
     ax: Any,
@@ -138,36 +138,32 @@ def _heatmap(
     cmap: str,
     class_names: Sequence[str],
     forget_classes: Sequence[int] = (),
-    annotate: bool = True,
+    annotate: bool = False,
 ) -> Any:
     im = ax.imshow(m, vmin=vmin, vmax=vmax, cmap=cmap)
     c = len(m)
-    ticks = range(c) if c <= 20 else range(0, c, max(1, c // 10))
-    ax.set_xticks(list(ticks), [class_names[i] for i in ticks], fontsize=7, rotation=90)
-    ax.set_yticks(list(ticks), [class_names[i] for i in ticks], fontsize=7)
+    ticks = list(range(c)) if c <= 20 else list(range(0, c, max(1, c // 10)))
+    ax.set_xticks(ticks, [class_names[i] for i in ticks])
+    ax.set_yticks(ticks, [class_names[i] for i in ticks])
+    ax.tick_params(length=0)
+    ax.spines[:].set_visible(False)
     for lab in ax.get_xticklabels() + ax.get_yticklabels():
         if lab.get_text() in {class_names[i] for i in forget_classes}:
-            lab.set_color("red")
+            lab.set_color(style.FORGET_COLOR)
             lab.set_fontweight("bold")
-    if annotate and c <= 12:
-        mid = (vmin + vmax) / 2
+    if annotate and c <= CELL_TEXT_MAX_CLASSES:
         for i in range(c):
             for j in range(c):
-                if np.isfinite(m[i, j]):
-                    dark = m[i, j] > mid if cmap != "RdBu_r" else abs(m[i, j]) > abs(vmax) / 2
-                    ax.text(
-                        j,
-                        i,
-                        f"{m[i, j]:.1f}",
-                        ha="center",
-                        va="center",
-                        fontsize=5.5,
-                        color="white" if dark else "black",
-                    )
-    ax.set_title(title, fontsize=9)
+                if np.isfinite(m[i, j]) and i != j:
+                    dark = (m[i, j] - vmin) / ((vmax - vmin) or 1.0) < 0.45  # viridis: dark low
+                    ax.text(j, i, f"{m[i, j]:.1f}", ha="center", va="center", fontsize=8,
+                            color="white" if dark else "black")  # fmt: skip
+    ax.set_title(title)
+    ax.set_xlabel("class")
     return im
 
 
+@style.styled
 def plot_matrix(
     m: np.ndarray,
     path: Path,
@@ -180,80 +176,66 @@ def plot_matrix(
     """One model's class x class distance matrix as a heat map (colour scale 0..vmax)."""
     names = list(class_names or map(str, range(len(m))))
     vmax = float(np.nanmax(m)) if vmax is None else vmax
-    fig = Figure(figsize=(4.6, 4.0), dpi=100)
-    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.92)
+    fig = style.figure(style.SINGLE, 3.0)
     ax = fig.add_subplot()
-    im = _heatmap(
-        ax,
-        m,
-        f"{title}\nmax {np.nanmax(m):.3g}",
-        0.0,
-        vmax or 1.0,
-        "viridis",
-        names,
-        forget_classes,
-    )
-    fig.colorbar(im, ax=ax, shrink=0.8, extend="max", label="sliced $W_2$")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+    im = _heatmap(ax, m, f"{title}\nmax {np.nanmax(m):.3g}", 0.0, vmax or 1.0, "viridis",
+                  names, forget_classes, annotate=len(m) <= 8)  # fmt: skip
+    ax.set_ylabel("class")
+    fig.colorbar(im, ax=ax, shrink=0.9, extend="max", label="sliced $W_2$")
+    return style.primary(style.save_figure(fig, path))
 
 
+def delta_scale(deltas: Sequence[np.ndarray]) -> float:
+    """The symmetric colour limit of the delta maps: their own largest |entry|."""
+    finite = [float(np.nanmax(np.abs(d))) for d in deltas if np.isfinite(d).any()]
+    return max(finite) if finite and max(finite) > 0 else 1.0
+
+
+@style.styled
 def plot_compare(
-    mats: dict[str, np.ndarray],
+    mats: dict[str, np.ndarray | None],
     path: Path,
     *,
-    title: str,
     vmax: float,
-    dmax: float,
+    title: str = "",
     class_names: Sequence[str] | None = None,
     forget_classes: Sequence[int] = (),
-) -> Path:
-    """Base / unlearned / oracle heat maps on one scale, then the delta maps
-    unlearned - base and unlearned - oracle on one symmetric scale +-dmax."""
-    names = list(class_names or map(str, range(len(next(iter(mats.values()))))))
+) -> dict[str, Path]:
+    """Base / unlearned / oracle heat maps on one scale 0..vmax (top row), then the delta maps
+    unlearned − base and unlearned − oracle on their own symmetric scale ± max |delta|."""
     panels = [(k, m) for k, m in mats.items() if m is not None]
+    names = list(class_names or map(str, range(len(panels[0][1]))))
     u = mats.get("unlearned")
     deltas = []
     if u is not None:
         for ref in ("base", "oracle"):
-            if mats.get(ref) is not None:
-                deltas.append((f"unlearned − {ref}", u - mats[ref]))
-    n = len(panels) + len(deltas)
-    # a fixed layout and no numbers in the cells: this figure is drawn once per model
-    fig = Figure(figsize=(3.0 * n + 1.2, 3.2), dpi=100)
-    fig.subplots_adjust(left=0.04, right=0.98, bottom=0.1, top=0.86, wspace=0.3)
-    axes = fig.subplots(1, n, squeeze=False)[0]
+            m_ref = mats.get(ref)
+            if m_ref is not None:
+                deltas.append((f"unlearned − {style.ROLE_TITLES[ref]}", u - m_ref))
+    rows = 2 if deltas else 1
+    fig = style.figure(style.DOUBLE, 2.45 * rows + 0.1)
+    axes = fig.subplots(rows, 3, squeeze=False)
     im = dim = None
-    for ax, (k, m) in zip(axes, panels, strict=False):
-        k = f"{k} (max {np.nanmax(m):.3g})"
-        im = _heatmap(ax, m, k, 0.0, vmax or 1.0, "viridis", names, forget_classes, False)
-    for ax, (k, m) in zip(axes[len(panels) :], deltas, strict=True):
-        dim = _heatmap(
-            ax, m, k, -(dmax or 1.0), dmax or 1.0, "RdBu_r", names, forget_classes, False
-        )
+    for ax, (k, m) in zip(axes[0], panels, strict=False):
+        im = _heatmap(ax, m, f"{style.ROLE_TITLES.get(k, k)} (max {np.nanmax(m):.2g})", 0.0,
+                      vmax or 1.0, "viridis", names, forget_classes)  # fmt: skip
+    dmax = delta_scale([d for _, d in deltas])
+    for ax, (k, m) in zip(axes[rows - 1], deltas, strict=False):
+        dim = _heatmap(ax, m, k, -dmax, dmax, "RdBu_r", names, forget_classes)
+    for row in axes:
+        row[0].set_ylabel("class")
+        for ax in row:
+            if not ax.images:
+                ax.set_visible(False)
     if im is not None:
-        fig.colorbar(
-            im,
-            ax=list(axes[: len(panels)]),
-            shrink=0.8,
-            pad=0.02,
-            extend="max",
-            label="sliced $W_2$",
-        )
+        fig.colorbar(im, ax=list(axes[0]), shrink=0.9, pad=0.02, extend="max",
+                     label="sliced $W_2$")  # fmt: skip
     if dim is not None:
-        fig.colorbar(
-            dim,
-            ax=list(axes[len(panels) :]),
-            shrink=0.8,
-            pad=0.02,
-            extend="both",
-            label="Δ $W_2$",
-        )
-    fig.suptitle(title, fontsize=10)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    return path
+        fig.colorbar(dim, ax=list(axes[1, :2]), shrink=0.9, pad=0.02,
+                     label="Δ sliced $W_2$ (red: apart)")  # fmt: skip
+    if title:
+        fig.suptitle(title)
+    return style.save_figure(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,36 +254,27 @@ def stem_of(rel: str) -> str:
     return rel[: -len(".npz")] if rel.endswith(".npz") else rel
 
 
-def shared_scales(mats: Sequence[np.ndarray], reference: Sequence[bool]) -> tuple[float, float]:
-    """One colour scale for all models of a sample, anchored on the reference models.
-
-    Distances run from 0 to R, the largest entry of the base and retrain-oracle matrices (of
-    all matrices when there is no reference); delta maps run from -R/2 to +R/2. A model whose
-    features blew up (e.g. gradient ascent gone too far) saturates instead of flattening
-    every other map; its title gives its own maximum."""
+def shared_scale(mats: Sequence[np.ndarray], reference: Sequence[bool]) -> float:
+    """One colour scale for the distance maps of all models of a sample, anchored on the
+    reference models: 0 to R, the largest entry of the base and retrain-oracle matrices (of all
+    matrices when there is no reference). A model whose features blew up (e.g. gradient ascent
+    gone too far) saturates instead of flattening every other map; its title gives its own
+    maximum. Delta maps get their own symmetric scale (:func:`delta_scale`)."""
     refs = [m for m, r in zip(mats, reference, strict=True) if r] or list(mats)
     finite = [float(np.nanmax(m)) for m in refs if np.isfinite(m).any()]
-    r = max(finite) if finite and max(finite) > 0 else 1.0
-    return r, r / 2
+    return max(finite) if finite and max(finite) > 0 else 1.0
 
 
-def run(
-    features_dir: str | Path,
-    out: str | Path,
+def compute_matrices(
+    features_dir: Path,
+    entries: Sequence[dict[str, Any]],
     *,
     samples: int = 0,
     n_proj: int = DEFAULT_PROJECTIONS,
     seed: int = 0,
-    per_model: bool = True,
     quiet: bool = False,
-) -> list[Path]:
-    """Matrices and heat maps for every feature file under ``features_dir``; returns the PNGs.
-
-    ``per_model=False`` writes only the comparison figures of the unlearned models.
-
-    Colour scales are fixed for every model of the same sample (:func:`shared_scales`)."""
-    features_dir, out = Path(features_dir), Path(out)
-    entries = load_index(features_dir)
+) -> tuple[dict[str, np.ndarray], dict[str, FeatureSet]]:
+    """The class x class matrix and the (subsampled) features of every entry, by file."""
     mats: dict[str, np.ndarray] = {}
     info: dict[str, FeatureSet] = {}
     compute = 0.0
@@ -315,49 +288,76 @@ def run(
         info[e["file"]] = fs
     if not quiet:
         print(f"sliced W2 matrices of {len(mats)} model(s): {compute:.2f} s", file=sys.stderr)
-    written: list[Path] = []
+    return mats, info
+
+
+def scales(entries: Sequence[dict[str, Any]], mats: dict[str, np.ndarray]) -> dict[str, float]:
+    """The distance colour scale of every entry: shared by all models of the same sample."""
     groups: dict[str, list[dict[str, Any]]] = {}
     for e in entries:
         groups.setdefault(e["sample_key"], []).append(e)
+    out = {}
     for group in groups.values():
-        vmax, dmax = shared_scales(
-            [mats[e["file"]] for e in group], [e["role"] in ("base", "oracle") for e in group]
-        )
-        for e in group:
-            fs = info[e["file"]]
-            fc = fs.meta.get("forget_classes") or []
-            p = out / f"{stem_of(e['file'])}_wasserstein.png"
-            if per_model:
-                title = f"{fs.name} ({e['role']})"
-                written.append(
-                    plot_matrix(
-                        mats[e["file"]],
-                        p,
-                        title=title,
-                        vmax=vmax,
-                        class_names=fs.class_names,
-                        forget_classes=fc,
-                    )
-                )
-            if e["role"] == "unlearned" and (e.get("base") in mats or e.get("oracle") in mats):
-                trio = {
-                    "base": mats.get(e.get("base") or ""),
-                    "unlearned": mats[e["file"]],
-                    "oracle": mats.get(e.get("oracle") or ""),
-                }
-                p = out / f"{stem_of(e['file'])}_wasserstein_compare.png"
-                written.append(
-                    plot_compare(
-                        trio,
-                        p,
-                        title=f"{fs.name}: class-cloud sliced W2",
-                        vmax=vmax,
-                        dmax=dmax,
-                        class_names=fs.class_names,
-                        forget_classes=fc,
-                    )
-                )
-    out.mkdir(parents=True, exist_ok=True)
+        ref = [e["role"] in ("base", "oracle") for e in group]
+        vmax = shared_scale([mats[e["file"]] for e in group], ref)
+        out |= {e["file"]: vmax for e in group}
+    return out
+
+
+def trio(e: dict[str, Any], mats: dict[str, np.ndarray]) -> dict[str, np.ndarray | None]:
+    """Base, unlearned and oracle matrices of an unlearned model's entry (None where absent)."""
+    return {
+        "base": mats.get(e.get("base") or ""),
+        "unlearned": mats[e["file"]],
+        "oracle": mats.get(e.get("oracle") or ""),
+    }
+
+
+def run(
+    features_dir: str | Path,
+    out: str | Path,
+    *,
+    samples: int = 0,
+    n_proj: int = DEFAULT_PROJECTIONS,
+    seed: int = 0,
+    per_model: bool = True,
+    quiet: bool = False,
+) -> list[Path]:
+    """Matrices and heat maps for every feature file under ``features_dir``; returns the
+    figures written (their PNGs, else the first format written) and writes wasserstein.json.
+
+    ``per_model=False`` writes only the comparison figures of the unlearned models."""
+    features_dir, out = Path(features_dir), Path(out)
+    entries = load_index(features_dir)
+    mats, info = compute_matrices(
+        features_dir, entries, samples=samples, n_proj=n_proj, seed=seed, quiet=quiet
+    )
+    vmax = scales(entries, mats)
+    written: list[Path] = []
+    for e in entries:
+        fs = info[e["file"]]
+        fc = fs.meta.get("forget_classes") or []
+        stem = stem_of(e["file"])
+        if per_model:
+            written.append(plot_matrix(
+                mats[e["file"]], out / f"{stem}_wasserstein", title=f"{fs.name} ({e['role']})",
+                vmax=vmax[e["file"]], class_names=fs.class_names, forget_classes=fc,
+            ))  # fmt: skip
+        if e["role"] == "unlearned" and (e.get("base") in mats or e.get("oracle") in mats):
+            files = plot_compare(
+                trio(e, mats), out / f"{stem}_wasserstein_compare", vmax=vmax[e["file"]],
+                title=f"{fs.name}: sliced $W_2$ between class clouds", class_names=fs.class_names,
+                forget_classes=fc,
+            )  # fmt: skip
+            written.append(style.primary(files))
+    write_matrices(out / "wasserstein.json", mats, n_proj=n_proj, seed=seed, samples=samples)
+    return written
+
+
+def write_matrices(
+    path: Path, mats: dict[str, np.ndarray], *, n_proj: int, seed: int, samples: int
+) -> None:
+    """All matrices as JSON (NaN, an absent class, as null), keyed by feature file."""
     dump = {
         "method": "sliced Wasserstein-2, exact 1-D terms",
         "projections": n_proj,
@@ -365,8 +365,8 @@ def run(
         "samples": samples,
         "matrices": {k: _jsonable(m) for k, m in mats.items()},
     }
-    (out / "wasserstein.json").write_text(json.dumps(dump))
-    return written
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dump))
 
 
 def _jsonable(m: np.ndarray) -> list[list[float | None]]:
@@ -375,18 +375,10 @@ def _jsonable(m: np.ndarray) -> list[list[float | None]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("-D", "--dir", type=Path, required=True, help="feature folder")
-    p.add_argument(
-        "-S",
-        "--samples",
-        type=int,
-        default=0,
-        help="samples per model, the same for all; 0 = all (%(default)s)",
-    )
-    p.add_argument("--out", type=Path, default=None, help="default: images/<name of -D>")
+    p = new_parser(__doc__)
+    add_feature_io(p, folder="feature folder", samples=0,
+                   samples_help="samples per model, the same for all; 0 = all",
+                   out="default: images/<name of -D>")  # fmt: skip
     p.add_argument(
         "-P",
         "--projections",
@@ -395,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="random directions of the sliced distance (%(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of directions and subsample")
+    add_fig_format(p)
     return p
 
 
@@ -404,8 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.projections < 1:
         raise UserError(f"-P {args.projections} is invalid; use a positive number")
     out = args.out or Path("images") / args.dir.resolve().name
-    written = run(args.dir, out, samples=args.samples, n_proj=args.projections, seed=args.seed)
-    print(f"{len(written)} images in {out}")
+    with style.formats(args.fig_format):
+        written = run(args.dir, out, samples=args.samples, n_proj=args.projections, seed=args.seed)
+    print(f"{len(written)} figures in {out}")
     return 0
 
 

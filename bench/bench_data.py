@@ -8,8 +8,9 @@ size 32. Both train the same LeNet on the same mnist5k pool for the same number 
 data path alone (no model) is measured too. Throughput is images per second, the best of
 ``--repeats`` interleaved measurements; "seconds" is the total time spent on a row.
 
-    python bench/bench_data.py                    # 3 epochs, auto device
+    OMP_NUM_THREADS=1 python bench/bench_data.py --threads 1   # 3 epochs, auto device
     python bench/bench_data.py --epochs 5 --device cuda --batch-size 256
+    python bench/bench_data.py --tiny      # seconds: 512 images, 1 epoch (tests/test_bench.py)
 """
 
 from __future__ import annotations
@@ -28,16 +29,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script from anywhere
+# ruff: noqa: E402  (the project imports must follow the line above)
 
-from core.errors import UserError, cli  # noqa: E402
-from datasets import DeviceData, RawData, default_data_dir, load_raw, pick_device  # noqa: E402
-from models import build_model  # noqa: E402
+from core.cli_options import add_data_dir, add_device, add_threads, apply_threads, new_parser
+from core.errors import UserError, cli
+from datasets import DeviceData, RawData, default_data_dir, load_raw, pick_device
+from models import build_model
 from training.config import TrainConfig
-from training.loop import make_optimizer, step  # noqa: E402
+from training.loop import make_optimizer, step
 
 REF_BATCH = 32
 WARMUP = 256  # images run through each pipeline before timing starts
+TINY_POOL = 512  # --tiny: images in the pool (and no more than 64 warm-up images)
 
 
 class PilDataset(Dataset):
@@ -55,7 +59,9 @@ class PilDataset(Dataset):
         return self.transform(Image.fromarray(self.x[i])), self.y[i]
 
 
-def reference_loader(raw: RawData, workers: int, device: torch.device, seed: int) -> DataLoader:
+def reference_loader(
+    raw: RawData, idx: Tensor, workers: int, device: torch.device, seed: int
+) -> DataLoader:
     h, w = raw.img_size
     tf = transforms.Compose(
         [
@@ -65,7 +71,7 @@ def reference_loader(raw: RawData, workers: int, device: torch.device, seed: int
         ]
     )
     return DataLoader(
-        PilDataset(raw.train_x, raw.train_y, tf),
+        PilDataset(raw.train_x[idx], raw.train_y[idx], tf),
         batch_size=REF_BATCH,
         shuffle=True,
         num_workers=workers,
@@ -107,7 +113,10 @@ def run(
     model: nn.Module | None = None,
     max_images: int | None = None,
 ) -> tuple[int, float]:
-    """Images seen and seconds taken; with a model, one training.fit-style step per batch."""
+    """Images seen and seconds taken; with a model, one training.fit-style step per batch.
+
+    With ``max_images`` it stops after the batch that reaches that many images.
+    """
     opt = None
     if model is not None:
         cfg = TrainConfig()
@@ -120,11 +129,13 @@ def run(
         for x, y in batches():
             if model is not None and opt is not None:
                 loss = F.cross_entropy(model(x), y)
-                step(model, loss, opt)
+                step(loss, opt)
                 total += loss.item() * len(y)  # fit() logs the epoch loss this way
             n += len(y)
             if max_images is not None and n >= max_images:
                 break
+        if max_images is not None and n >= max_images:
+            break
     sync(device)
     return n, time.perf_counter() - start
 
@@ -135,32 +146,37 @@ def fresh_lenet(raw: RawData, device: torch.device, seed: int) -> nn.Module:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = new_parser(__doc__)
     p.add_argument("--epochs", type=int, default=3, help="epochs per measurement (%(default)s)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: auto)")
+    add_device(p)
     p.add_argument("--batch-size", type=int, default=128, help="our batch size (%(default)s)")
     p.add_argument("--workers", type=int, default=0, help="reference DataLoader workers (0)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: auto)")
-    p.add_argument("--data-dir", type=Path, default=None, help="default: $DATA_DIR or ./data")
+    add_threads(p)
+    add_data_dir(p)
     p.add_argument("--repeats", type=int, default=2, help="best of N measurements (%(default)s)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tiny", action="store_true",
+                   help=f"a check that it runs: {TINY_POOL} images, 1 epoch, 1 repeat")  # fmt: skip
     return p
 
 
+Row = tuple[str, int, float, float, float]  # pipeline, batch, data img/s, train img/s, seconds
+
+
 @cli
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[Row]:
     args = build_parser().parse_args(argv)
+    if args.tiny:
+        args.epochs, args.repeats = 1, 1
     if min(args.epochs, args.batch_size, args.repeats) < 1 or args.workers < 0:
         raise UserError("--epochs, --batch-size and --repeats must be positive, --workers >= 0")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    apply_threads(args.threads)
     device = pick_device(args.device)
     raw = load_raw("mnist5k", args.data_dir or default_data_dir())
     data = DeviceData(raw, device)
-    idx = torch.arange(len(raw.train_y))
-    loader = reference_loader(raw, args.workers, device, args.seed)
+    idx = torch.arange(TINY_POOL if args.tiny else len(raw.train_y))
+    warmup = min(WARMUP, 64) if args.tiny else WARMUP
+    loader = reference_loader(raw, idx, args.workers, device, args.seed)
     g = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)  # the PIL transforms draw from the global generator
 
@@ -184,13 +200,15 @@ def main(argv: list[str] | None = None) -> None:
     best = [[0.0, 0.0, 0.0] for _ in configs]  # data img/s, train img/s, seconds
     for _ in range(args.repeats):
         for (_, _, batches), b in zip(configs, best, strict=True):
-            run(batches, 1, device, max_images=WARMUP)
+            run(batches, 1, device, max_images=warmup)
             n, t_data = run(batches, args.epochs, device)
-            run(batches, 1, device, fresh_lenet(raw, device, args.seed), max_images=WARMUP)
+            run(batches, 1, device, fresh_lenet(raw, device, args.seed), max_images=warmup)
             n2, t_train = run(batches, args.epochs, device, fresh_lenet(raw, device, args.seed))
             b[0], b[1] = max(b[0], n / t_data), max(b[1], n2 / t_train)
             b[2] += t_data + t_train
-    rows = [(name, bs, *b) for (name, bs, _), b in zip(configs, best, strict=True)]
+    rows: list[Row] = [
+        (name, bs, b[0], b[1], b[2]) for (name, bs, _), b in zip(configs, best, strict=True)
+    ]
 
     print()
     print(
@@ -203,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     print("ratios (ours / reference):")
     for _, bs, d, t, _ in rows[1:]:
         print(f"  batch {bs:4d}: data path {d / ref[2]:6.1f}x   training {t / ref[3]:6.1f}x")
+    return rows
 
 
 if __name__ == "__main__":

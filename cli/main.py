@@ -1,39 +1,61 @@
 """Run unlearning experiments over several seeds and compare them with the retrain oracle.
 
     python main.py -L exp/quickstart.json --nexp 3
+    python main.py -L exp/quickstart.json --nexp 3 --workers 2          # two worker processes
+    python main.py -L exp/compare.json --nexp 5 --device cuda --gpus 0,1,2,3 --tasks-per-gpu 2
     python main.py -c checkpoints/lenet_mnist5k_base_s0.safetensors -CF 7 -M rl_split -UM
 
 Every experiment of the list is validated first; then each runs ``--nexp`` times with seeds
-``--seed``, ``--seed + 1``, ... Results go to ``output/<timestamp>_<name>/`` (or ``--out``,
-where a rerun skips the runs that already finished).
+``--seed``, ``--seed + 1``, ... as a graph of tasks (base models, retrain oracles, runs), on
+``--workers`` processes. Results go to ``output/<timestamp>_<name>/`` (or ``--out``, where a
+rerun skips the runs that already finished).
+
+Every task runs with ``--threads-per-task`` CPU threads (default 1): the numbers depend on the
+thread count, and PyTorch's default of one thread per core is slow on a busy machine.
+``--workers auto`` starts one worker per GPU on CUDA, and floor(usable cores / threads per task)
+on CPU (the usable cores: this process's CPU affinity); never more than there are tasks to do.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
 from analysis.report import write_report
+from core.cli_options import add_checkpoints, add_data_dir, add_device, add_out, new_parser
 from core.errors import UserError, cli
-from core.io import atomic_write_text
+from core.io import write_json
+from core.userfiles import check_output_dir
+from core.validation import SEED_MAX
 from datasets import pick_device
-from running.config import ExperimentConfig, load_experiments, parse_experiment
-from running.runner import Runner, timestamp
-from running.tables import summarize, table_cells, to_text
+from running.config import (
+    ExperimentConfig,
+    check_same_config,
+    load_experiments,
+    parse_experiment,
+    run_record,
+)
+from running.rundir import config_locked
+from running.runner import Runner, RunnerOptions, timestamp
+from running.tables import summarize, table_cells, to_terminal
+from running.threads import DEFAULT_THREADS, check_threads
 from running.wandb_log import MODES
+from running.workers import backend, plan_workers
+
+SINGLE = "a single experiment from flags (without -L)"
+MAX_NEXP = 10_000
+DEFAULT_WORKERS = "1"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = new_parser(__doc__)
     p.add_argument("-L", "--load", type=Path, help="JSON list of experiments")
     p.add_argument("--nexp", type=int, default=1, help="runs (seeds) per experiment")
     p.add_argument("--seed", type=int, default=0, help="base seed: run i uses seed + i")
-    g = p.add_argument_group("a single experiment from flags (without -L)")
+    g = p.add_argument_group(SINGLE)
     g.add_argument("-c", "--checkpoint", help="base checkpoint (.safetensors with .json)")
     g.add_argument("-CF", "--class-to-forget", type=int, nargs="+", help="class(es) to forget")
     g.add_argument("-UL", "--unlearning-rate", type=float, help="fraction of the pool to forget")
@@ -48,14 +70,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-NL", "--no-log", action="store_true", help="disable Weights & Biases")
     p.add_argument("--wandb", choices=MODES, default="online", help="W&B mode (%(default)s)")
     p.add_argument("--project", default="unlearning", help="W&B project")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:N, mps (default: auto)")
-    p.add_argument("--out", type=Path, help="run folder (an existing one is resumed)")
-    p.add_argument("--checkpoints", type=Path, default=Path("checkpoints"),
-                   help="where base checkpoints and oracles are cached")  # fmt: skip
-    p.add_argument("--data-dir", type=Path, default=None, help="default: $DATA_DIR or ./data")
+    add_device(p)
+    add_out(p, "run folder (an existing one is resumed)")
+    add_checkpoints(p)
+    add_data_dir(p)
     p.add_argument("--report", action="store_true", help="write report.md/.html at the end")
-    p.add_argument("-q", "--quiet", action="store_true", help="no per-epoch lines")
+    p.add_argument("--no-repr", action="store_true",
+                   help="skip the representation metrics (metrics.json repr: probe, kNN, CKA), "
+                   "e.g. for large models")  # fmt: skip
+    p.add_argument("-q", "--quiet", action="store_true",
+                   help="print only the final table (and warnings)")  # fmt: skip
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="also a line per training and unlearning epoch")  # fmt: skip
+    w = p.add_argument_group("parallel tasks and speed")
+    w.add_argument("--workers", default=DEFAULT_WORKERS, metavar="N|auto",
+                   help="worker processes (%(default)s: in this process; auto: one per GPU, or "
+                   "usable cores / threads per task on CPU)")  # fmt: skip
+    w.add_argument("--gpus", metavar="0,1,...",
+                   help="CUDA: the GPUs to use, one worker pinned to each (default: all)")  # fmt: skip
+    w.add_argument("--tasks-per-gpu", type=int, default=1, metavar="K",
+                   help="CUDA: workers per GPU, for models that use a fraction of one (%(default)s)")  # fmt: skip
+    w.add_argument("--threads-per-task", type=int, default=DEFAULT_THREADS, metavar="T",
+                   help="CPU threads of every task (%(default)s; recorded in metrics.json)")  # fmt: skip
+    w.add_argument("--no-amp", action="store_true",
+                   help="CUDA: train in float32 (default: bfloat16 mixed precision, float16 "
+                   "with a gradient scaler where bfloat16 is not supported)")  # fmt: skip
     return p
+
+
+def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that contradict each other or that the code cannot use, before any work."""
+    if args.load:
+        single = [
+            "/".join(a.option_strings)
+            for grp in p._action_groups
+            if grp.title == SINGLE
+            for a in grp._group_actions
+            if getattr(args, a.dest) not in (None, False)
+        ]
+        if single:
+            raise UserError(
+                f"-L/--load {args.load}: the experiments come from the file, so the "
+                f"single-experiment flags {', '.join(single)} would be ignored; put those "
+                "settings in the file or drop -L"
+            )
+    if not 1 <= args.nexp <= MAX_NEXP:
+        raise UserError(f"--nexp {args.nexp} is invalid; use an integer in 1..{MAX_NEXP}")
+    top = SEED_MAX - (args.nexp - 1)  # run seeds are --seed .. --seed + nexp - 1
+    if not 0 <= args.seed <= top:
+        why = f" (with --nexp {args.nexp}, the last run's seed is --seed + {args.nexp - 1})"
+        raise UserError(
+            f"--seed {args.seed} is invalid; use a seed in 0..{top}"
+            f"{why if args.nexp > 1 else ''}: numpy seeds with 0..2**32 - 1"
+        )
+    check_output_dir(args.checkpoints, "--checkpoints")
+    if args.data_dir is not None:
+        check_output_dir(args.data_dir, "--data-dir")
+    if args.quiet and args.verbose:
+        raise UserError("-q/--quiet and -v/--verbose contradict each other; give one")
+    check_threads(args.threads_per_task)
+
+
+def resume_command(argv: list[str], out: Path) -> str:
+    """The command that resumes this run: the same arguments with ``--out <out>``."""
+    kept: list[str] = []
+    skip = False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            kept.append(a)
+    return shlex.join(["python", "main.py", *kept, "--out", str(out)])
 
 
 def experiments_from_flags(args: argparse.Namespace) -> list[ExperimentConfig]:
@@ -81,9 +168,10 @@ def experiments_from_flags(args: argparse.Namespace) -> list[ExperimentConfig]:
 
 @cli
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.nexp < 1:
-        raise UserError(f"--nexp {args.nexp} is invalid; use a positive integer")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_flags(parser, args)
     if args.load:
         experiments = load_experiments(args.load)
         source, name = str(args.load), args.load.stem
@@ -91,47 +179,53 @@ def main(argv: list[str] | None = None) -> int:
         experiments = experiments_from_flags(args)
         source, name = "command line", "cli"
     device = pick_device(args.device)
+    plan = plan_workers(args.workers, device, gpus=args.gpus, tasks_per_gpu=args.tasks_per_gpu,
+                        threads=args.threads_per_task)  # fmt: skip
     out = args.out or Path("output") / f"{timestamp()}_{name}"
-    resolved = {
-        "source": source,
-        "nexp": args.nexp,
-        "seed": args.seed,
-        "experiments": [e.to_json() for e in experiments],
-    }
+    check_output_dir(out, "--out")
+    resolved = run_record(source, args.nexp, args.seed, experiments)
     config_path = out / "config.json"
-    if config_path.is_file():
-        # a different --nexp only adds or leaves out seeds: finished runs stay valid
-        old = json.loads(config_path.read_text())
-        same = [k for k in resolved if k != "nexp"]
-        if {k: old.get(k) for k in same} != json.loads(json.dumps({k: resolved[k] for k in same})):
-            raise UserError(
-                f"{out}: this run folder was made with a different configuration; "
-                "use a new --out to start a fresh run"
-            )
+    if config_path.exists():
+        check_same_config(config_path, resolved)
     runner = Runner(
         experiments,
-        source=source,
-        nexp=args.nexp,
-        base_seed=args.seed,
-        device=device,
-        out=out,
-        ckpt_dir=args.checkpoints,
-        data_dir=args.data_dir,
-        wandb_mode="disabled" if args.no_log else args.wandb,
-        project=args.project,
-        quiet=args.quiet,
+        RunnerOptions(
+            source=source,
+            out=out,
+            ckpt_dir=args.checkpoints,
+            device=device,
+            nexp=args.nexp,
+            base_seed=args.seed,
+            data_dir=args.data_dir,
+            wandb_mode="disabled" if args.no_log else args.wandb,
+            project=args.project,
+            quiet=args.quiet,
+            verbose=args.verbose,
+            threads=args.threads_per_task,
+            amp=not args.no_amp,
+            representation=not args.no_repr,
+        ),
     )
     runner.resolve()  # every check that needs checkpoints and data, before any training
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, json.dumps(resolved | {"device": str(device)}, indent=2))
+    with config_locked(out):  # another process on this --out may have written it meanwhile
+        if config_path.exists():
+            check_same_config(config_path, resolved)
+        write_json(config_path, resolved | {"device": str(device),
+                                            "threads_per_task": args.threads_per_task})  # fmt: skip
     print(f"run folder: {out}", file=sys.stderr)
     try:
-        results = runner.run_all()
+        results = runner.run_all(backend(plan))
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished runs are kept in {out}", file=sys.stderr)
+        print(
+            f"\ninterrupted; finished runs are kept in {out}; resume with: "
+            f"{resume_command(argv, out)}",
+            file=sys.stderr,
+        )
         return 130
-    rows = summarize(results, [j.folder for j in runner.jobs])
-    print(to_text(rows))
+    folders = [j.folder for j in runner.jobs]
+    rows = summarize(results, folders)
+    print(to_terminal(results, folders))
     print(f"\nresults: {out}")
     if rows:
         headers, cells = table_cells(rows)

@@ -4,6 +4,8 @@ Every file goes through :func:`atomic_write_bytes`: a unique temporary name in t
 folder, ``fsync`` of the data, an atomic rename, then ``fsync`` of the folder, so a crash or a
 power cut leaves either the old file or the new one, never half of one, and concurrent writers
 never share a temporary file. JSON is written strictly (no NaN or Infinity: ``null``).
+:func:`file_record` and :func:`check_record` are the content hashes that whatever depends on a
+file records (a checkpoint's sidecar, a run's manifest) and verifies before trusting it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,16 @@ import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+
+def _default_mode() -> int:
+    # mkstemp creates files 0600; a renamed file should get the mode open() would give it
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_MODE = _default_mode()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -45,10 +57,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _MODE)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def remove(path: str | Path) -> None:
+    """Delete `path` if it exists, durably (the folder is synced), e.g. a manifest before a redo."""
+    path = Path(path)
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return
     _fsync_dir(path.parent)
 
 
@@ -97,3 +120,30 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def file_record(path: str | Path) -> dict[str, Any]:
+    """What a dependent file records about `path`: its size and sha256."""
+    return {"bytes": Path(path).stat().st_size, "sha256": sha256_file(path)}
+
+
+def check_record(path: str | Path, record: Any, label: str | None = None) -> str | None:
+    """Why `path` does not match `record` (from :func:`file_record`), or None when it does.
+
+    `label` names the file in the answer (default: its name). The size is compared first, so
+    a truncated file is named as such without hashing it.
+    """
+    path = Path(path)
+    label = label or path.name
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        return f"no sha256 is recorded for the {label}"
+    if not path.is_file():
+        return f"{label} {path.name} is missing"
+    size = path.stat().st_size
+    want = record.get("bytes")
+    if isinstance(want, int) and size != want:
+        cut = "truncated" if size < want else "replaced"
+        return f"{label} is {cut} ({size} bytes, {want} were written)"
+    if sha256_file(path) != record["sha256"]:
+        return f"{label} does not match the sha256 recorded when it was written"
+    return None

@@ -17,11 +17,19 @@ Files live under ``root`` in torchvision's standard layout, so a directory that 
 them (from torchvision or a manual copy) is used as is and never re-downloaded. A missing,
 corrupted or undownloadable dataset raises :class:`DatasetUnavailable` with one message saying
 which dataset, where it was looked for and how to fix it.
+
+Fashion-MNIST is looked for in this order: ``root/FashionMNIST/raw`` (``--data-dir``), then the
+system dataset folders in :data:`FASHIONMNIST_SYSTEM_DIRS` (the Debian package
+``dataset-fashion-mnist`` installs the four original gzip IDX files in
+``/usr/share/datasets/fashion-mnist``), then a torchvision download when allowed. System files
+are read in place (nothing is written next to them) and the network is never touched.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
+import struct
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +41,7 @@ from torchvision import datasets as tvd
 
 __all__ = [
     "DatasetUnavailable",
+    "FASHIONMNIST_SYSTEM_DIRS",
     "TV_LOADERS",
     "load_cifar10",
     "load_cifar100",
@@ -216,17 +225,104 @@ def load_mnist(root: Path, download: bool) -> dict[str, Any]:
     )
 
 
+#: System folders searched, in order, for the original Fashion-MNIST files when ``--data-dir``
+#: has none; the first is where the Debian package ``dataset-fashion-mnist`` puts them.
+FASHIONMNIST_SYSTEM_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets/fashion-mnist"),)
+
+_FASHION_APT = "apt-get install dataset-fashion-mnist"
+
+
+def _system_files(names: Sequence[str], dirs: Sequence[Path]) -> list[Path] | None:
+    """The files ``names`` (each gzipped or plain) from the first folder that has them all."""
+    for d in dirs:
+        found = []
+        for name in names:
+            hit = next((d / f for f in (f"{name}.gz", name) if (d / f).is_file()), None)
+            if hit is None:
+                break
+            found.append(hit)
+        else:
+            return found
+    return None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """A uint8 array from an IDX file (LeCun's MNIST format), gzipped when it ends in .gz.
+
+    The header is two zero bytes, the type code 0x08 (unsigned byte), the number of dimensions
+    and one big-endian uint32 per dimension; the data follow in C order. A file that breaks the
+    format raises DatasetUnavailable naming it.
+    """
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else path.open("rb") as f:
+            blob = f.read()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise DatasetUnavailable(f"{path}: cannot be read ({err})") from err
+    if len(blob) < 4 or blob[:2] != b"\0\0" or blob[2] != 0x08 or blob[3] == 0:
+        raise DatasetUnavailable(
+            f"{path}: not an unsigned-byte IDX file (header {blob[:4].hex() or 'empty'}, "
+            "expected 000008 followed by the number of dimensions)"
+        )
+    ndim = blob[3]
+    if len(blob) < 4 + 4 * ndim:
+        raise DatasetUnavailable(f"{path}: IDX header is cut short")
+    shape = struct.unpack(f">{ndim}I", blob[4 : 4 + 4 * ndim])
+    data = np.frombuffer(blob, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DatasetUnavailable(
+            f"{path}: IDX header announces shape {shape} ({int(np.prod(shape))} bytes) but "
+            f"{data.size} bytes follow (truncated or corrupted file)"
+        )
+    return data.reshape(shape).copy()  # frombuffer arrays are read-only views of the bytes
+
+
+def _read_fashion_system(files: Sequence[Path]) -> dict[str, Any]:
+    classes = [str(c) for c in tvd.FashionMNIST.classes]
+    out: dict[str, Any] = {}
+    for split, (images, labels) in (("train", files[:2]), ("test", files[2:])):
+        x, y = read_idx(images), read_idx(labels)
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DatasetUnavailable(
+                f"{images}, {labels}: expected [N, H, W] images and [N] labels, got shapes "
+                f"{list(x.shape)} and {list(y.shape)}"
+            )
+        if len(y) and int(y.max()) >= len(classes):
+            raise DatasetUnavailable(f"{labels}: label {int(y.max())} is not a Fashion-MNIST class")
+        out[f"{split}_x"] = _images(x, "NHW")
+        out[f"{split}_y"] = _labels(y)
+    out["classes"] = classes
+    return out
+
+
 def load_fashionmnist(root: Path, download: bool) -> dict[str, Any]:
-    """Fashion-MNIST: 60000 / 10000, 1x28x28, 10 classes (``root/FashionMNIST/raw``)."""
+    """Fashion-MNIST: 60000 / 10000, 1x28x28, 10 classes.
+
+    Search order: ``root/FashionMNIST/raw`` (torchvision's layout), then the system folders in
+    :data:`FASHIONMNIST_SYSTEM_DIRS` (read in place, no network), then a download into ``root``
+    when ``download`` is true.
+    """
     root = Path(root)
-    return _mnist_like(
-        "fashionmnist",
-        lambda train, dl: tvd.FashionMNIST(str(root), train=train, download=dl),
-        root / "FashionMNIST" / "raw",
-        _mnist_files(tvd.FashionMNIST),
-        root,
-        download,
-    )
+    data_dir = root / "FashionMNIST" / "raw"
+    files = _mnist_files(tvd.FashionMNIST)
+    if not all((data_dir / f).is_file() for f in files):
+        found = _system_files(files, FASHIONMNIST_SYSTEM_DIRS)
+        if found is not None:
+            return _read_fashion_system(found)
+    try:
+        return _mnist_like(
+            "fashionmnist",
+            lambda train, dl: tvd.FashionMNIST(str(root), train=train, download=dl),
+            data_dir,
+            files,
+            root,
+            download,
+        )
+    except DatasetUnavailable as err:
+        where = ", ".join(str(d) for d in FASHIONMNIST_SYSTEM_DIRS) or "no system folder"
+        raise DatasetUnavailable(
+            f"{err} The files were not in the system dataset folders either ({where}); on "
+            f"Debian or Ubuntu `{_FASHION_APT}` installs them there for offline use."
+        ) from err.__cause__
 
 
 def load_emnist(root: Path, download: bool, split: str = "balanced") -> dict[str, Any]:

@@ -1,79 +1,128 @@
-"""Experiment configuration: one frozen dataclass tree, built once from JSON and validated there.
+"""Experiment configuration: frozen dataclasses whose annotations pydantic validates.
 
 Keys follow the SalUn DeepDive experiment files (``checkpoint``, ``class_to_forget``,
 ``unlearning_rate``, ``idxs_to_forget``, ``use_mask``, ``mask_thr``, ``lr``, ``epochs``,
 ``method``, ``tag``) plus shared training settings (``batch_size``, ``optimizer``) and a
-``method_args`` object for method-specific settings. Every error names the file, the
-experiment, the key, the bad value and what is allowed.
+``method_args`` object for method-specific settings. Pydantic checks each key against the
+annotations below (strict types, ranges, finite numbers, no unknown keys); the checks that
+involve several keys or the file system follow in :func:`check_experiment`. Every error is one
+line naming the file, the experiment, the key, the bad value and what is allowed;
+``exp/schema.json`` (running/schema.py) is generated from the same annotations.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from core.errors import UserError, did_you_mean
+import timm
+from pydantic import Strict, with_config
+
+from core.errors import UserError
+from core.io import dumps
+from core.userfiles import describe_missing, read_json
+from core.validation import (
+    CONFIG,
+    NAME_RULE,
+    Bool,
+    OneOf,
+    PathText,
+    Range,
+    Rule,
+    Text,
+    safe_name,
+    validate,
+    validate_plain,
+)
 from datasets import dataset_info
 from methods import OptimizerSettings, Settings
 from models import MODELS, build_model
-from training.checkpoints import checkpoint_exists
-from training.config import SCHEDULES, TrainConfig
+from training.checkpoints import checkpoint_problem, checkpoint_stem
+from training.config import (
+    PRETRAIN_ORACLES,
+    SCHEDULES,
+    BatchSize,
+    ClassIndex,
+    Epochs,
+    Fraction,
+    NonNegative,
+    Positive,
+    TrainConfig,
+)
 from unlearning import method_spec
 
 OPTIMIZERS = ("sgd", "adam")
 
 
+def _distinct(cf: list[int]) -> bool:
+    return len(cf) > 0 and len(set(cf)) == len(cf)
+
+
+def _old_new(rc: dict[str, int]) -> bool:
+    return sorted(rc) == ["new", "old"]
+
+
+@with_config(CONFIG)
 @dataclass(frozen=True)
 class OptimizerConfig:
     """Optimiser of the unlearning run (shared by all methods that take gradient steps)."""
 
-    name: str = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: str = "constant"
-
-    def check(self, where: str) -> None:
-        if self.name not in OPTIMIZERS:
-            raise UserError(
-                f"{where}key 'optimizer.name': {self.name!r} is invalid; use one of "
-                f"{', '.join(OPTIMIZERS)}{did_you_mean(self.name, OPTIMIZERS)}"
-            )
-        if not 0 <= self.momentum < 1:
-            raise UserError(f"{where}key 'optimizer.momentum': {self.momentum!r} not in [0, 1)")
-        if self.weight_decay < 0:
-            raise UserError(f"{where}key 'optimizer.weight_decay': {self.weight_decay!r} < 0")
-        if self.schedule not in SCHEDULES:
-            raise UserError(
-                f"{where}key 'optimizer.schedule': {self.schedule!r} is invalid; use one of "
-                f"{', '.join(SCHEDULES)}"
-            )
+    name: Annotated[str, OneOf(OPTIMIZERS)] = "sgd"
+    momentum: Fraction = 0.9
+    weight_decay: NonNegative = 5e-4
+    schedule: Annotated[str, OneOf(SCHEDULES)] = "constant"
+    nesterov: Bool = True
 
 
+@with_config(CONFIG)
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment of a list; every run of it uses seed base + i."""
 
-    method: str = "rl_split"
-    checkpoint: str | TrainConfig = field(default_factory=TrainConfig)
-    class_to_forget: int | list[int] | None = None
-    unlearning_rate: float | None = None
-    idxs_to_forget: str | None = None
-    use_mask: bool = False
-    mask_thr: float = 0.5
-    load_mask: str | None = None
-    lr: float = 0.01
-    epochs: int = 5
-    batch_size: int = 128
+    method: Text = "rl_split"
+    # a base checkpoint (.safetensors with its .json) or the recipe of one to train (train.py)
+    checkpoint: PathText | TrainConfig = field(default_factory=TrainConfig)
+    class_to_forget: (
+        ClassIndex
+        | Annotated[
+            list[ClassIndex], Rule(_distinct, "use a class index >= 0 or a list of distinct ones")
+        ]  # fmt: skip
+        | None
+    ) = None
+    unlearning_rate: (
+        Annotated[
+            float, Range(0, 1, lo_open=True, hi_open=True, allowed="use a fraction in (0, 1)")
+        ]  # fmt: skip
+        | None
+    ) = None
+    idxs_to_forget: PathText | None = None
+    use_mask: Bool = False
+    mask_thr: Annotated[
+        float, Range(0, 1, lo_open=True, allowed="use the fraction of weights kept, in (0, 1]")
+    ] = 0.5
+    load_mask: PathText | None = None
+    mask_augment: Bool = False
+    lr: Positive = 0.01
+    epochs: Epochs = 5
+    batch_size: BatchSize = 128
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     method_args: Any = None  # the method's own frozen dataclass, defaults filled in
-    frozen: list[str] = field(default_factory=list)
-    replace_class: dict[str, int] | None = None
-    tag: str = ""
+    frozen: list[Text] = field(default_factory=list)
+    replace_class: (
+        Annotated[
+            dict[Text, ClassIndex],
+            Rule(_old_new, 'use {"old": <trained class>, "new": <untrained class>}'),
+        ]
+        | None
+    ) = None
+    # a self-supervised base model's retrain oracle (training/pretrain.py): "shared" reuses
+    # the base model's encoder, an approximation flagged in metrics.json
+    pretrain_oracle: Annotated[str, OneOf(PRETRAIN_ORACLES)] = "exact"
+    representation: Bool = True  # the repr section of metrics.json (evaluation/repr_eval.py)
+    tag: Annotated[str, Strict(), Rule(safe_name, NAME_RULE)] = ""
 
     @property
     def name(self) -> str:
@@ -99,9 +148,12 @@ class ExperimentConfig:
             lr=self.lr,
             epochs=self.epochs,
             batch_size=self.batch_size,
-            optimizer=OptimizerSettings(o.name, o.momentum, o.weight_decay, o.schedule),
+            optimizer=OptimizerSettings(
+                o.name, o.momentum, o.weight_decay, o.schedule, nesterov=o.nesterov
+            ),
             frozen=tuple(self.frozen),
             args=self.method_args,
+            mask_augment=self.mask_augment,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -115,100 +167,17 @@ class ExperimentConfig:
         d["method_args"] = (
             dataclasses.asdict(self.method_args) if self.method_args is not None else {}
         )
+        for key, default in (("pretrain_oracle", "exact"), ("representation", True)):
+            if d[key] == default:  # records made before these keys resume unchanged
+                del d[key]
         return d
 
 
-# ---------------------------------------------------------------------------------------------
-# Generic, strict parsing of JSON objects into frozen dataclasses
-
-
-def _type_name(tp: Any) -> str:
-    if tp is type(None):
-        return "null"
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "object"
-    if dataclasses.is_dataclass(tp):
-        return "object"
-    return {int: "integer", float: "number", str: "string", bool: "true/false"}.get(
-        tp, getattr(tp, "__name__", str(tp))
-    )
-
-
-def _convert(value: Any, tp: Any, where: str, key: str) -> Any:
-    """Return `value` as type `tp`, or raise UserError naming the key and the allowed type."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _convert(value, arg, where, key)
-            except UserError as e:
-                last = e
-                # a nested object that failed inside deserves its own message
-                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
-                    raise
-        raise UserError(
-            f"{where}key '{key}': {value!r} is invalid; expected {_type_name(tp)}"
-        ) from last
-    if tp is type(None):
-        if value is None:
-            return None
-    elif tp is bool:
-        if isinstance(value, bool):
-            return value
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-    elif origin is list:
-        if isinstance(value, list):
-            (inner,) = typing.get_args(tp)
-            return [_convert(v, inner, where, f"{key}[{i}]") for i, v in enumerate(value)]
-    elif origin is dict:
-        if isinstance(value, dict):
-            _, inner = typing.get_args(tp)
-            return {k: _convert(v, inner, where, f"{key}.{k}") for k, v in value.items()}
-    elif dataclasses.is_dataclass(tp):
-        if isinstance(value, dict):
-            return parse_dataclass(tp, value, where, prefix=f"{key}.")
-    raise UserError(f"{where}key '{key}': {value!r} is invalid; expected {_type_name(tp)}")
-
-
-def parse_dataclass(cls: type, obj: dict[str, Any], where: str, prefix: str = "") -> Any:
-    """Build `cls` from a JSON object: unknown keys fail with a did-you-mean, types are strict."""
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in obj:
-        if k not in names:
-            raise UserError(
-                f"{where}unknown key '{prefix}{k}'{did_you_mean(k, names)}; "
-                f"valid keys: {', '.join(names)}"
-            )
-    kwargs = {k: _convert(v, hints[k], where, prefix + k) for k, v in obj.items()}
-    return cls(**kwargs)
-
-
-def parse_train_config(obj: dict[str, Any], where: str, key: str = "checkpoint") -> TrainConfig:
-    cfg = parse_dataclass(TrainConfig, obj, where, prefix=f"{key}.")
-    cfg.check(f"{where}{key}: ")
-    return cfg
+PATH_KEYS = ("idxs_to_forget", "load_mask")  # and `checkpoint` when it is a string
 
 
 def _check_names(cfg: TrainConfig, where: str) -> None:
     """The dataset and model of a checkpoint object exist, so a typo fails before any training."""
-    import timm
-
     try:
         dataset_info(cfg.dataset)
     except UserError as e:
@@ -218,40 +187,46 @@ def _check_names(cfg: TrainConfig, where: str) -> None:
             build_model(cfg.model, 1, 1)  # unknown: raises the UserError with a did-you-mean
         except UserError as e:
             raise UserError(f"{where}key 'checkpoint.model': {e}") from None
+    cfg.check_dataset_args(f"{where}checkpoint.")
 
 
 def parse_experiment(obj: Any, where: str) -> ExperimentConfig:
     """Parse and check one experiment object (everything that does not need the data)."""
-
     if not isinstance(obj, dict):
         raise UserError(f"{where}an experiment must be a JSON object, got {type(obj).__name__}")
     obj = dict(obj)
-    method = obj.get("method", ExperimentConfig.method)
-    if not isinstance(method, str):
-        raise UserError(f"{where}key 'method': {method!r} is invalid; expected a string")
-    spec = method_spec(method, where)
     raw_args = obj.pop("method_args", {})
     if not isinstance(raw_args, dict):
         raise UserError(f"{where}key 'method_args': {raw_args!r} is invalid; expected an object")
-    ckpt = obj.pop("checkpoint", {})
-    if isinstance(ckpt, dict):
-        ckpt_cfg: str | TrainConfig = parse_train_config(ckpt, where)
-        _check_names(ckpt_cfg, where)
-    elif isinstance(ckpt, str):
-        ckpt_cfg = ckpt
-    else:
+    cfg: ExperimentConfig = validate(ExperimentConfig, obj, where)
+    spec = method_spec(cfg.method, where)
+    ignored = [k for k in getattr(spec, "ignores", ()) if k in obj]
+    if ignored:
+        k = ignored[0]
         raise UserError(
-            f"{where}key 'checkpoint': {ckpt!r} is invalid; expected a path or an object "
-            "of train.py settings"
+            f"{where}key '{k}': {obj[k]!r} is invalid; method '{cfg.method}' does not use "
+            f"{', '.join(spec.ignores)}: remove the key"
         )
-    cfg = parse_dataclass(ExperimentConfig, obj, where)
-    args = parse_dataclass(spec.args, raw_args, where, prefix="method_args.")
-    cfg = dataclasses.replace(cfg, checkpoint=ckpt_cfg, method_args=args)
+    if not dataclasses.fields(spec.args) and raw_args:
+        raise UserError(
+            f"{where}unknown key 'method_args.{next(iter(raw_args))}': method '{cfg.method}' "
+            "takes no method_args"
+        )
+    args = validate_plain(spec.args, raw_args, where, prefix="method_args")
+    if isinstance(cfg.checkpoint, TrainConfig):
+        _check_names(cfg.checkpoint, where)
+    cfg = dataclasses.replace(cfg, method_args=args)
     check_experiment(cfg, where)
     return cfg
 
 
+def _file_problem(path: str, key: str, where: str, what: str) -> UserError:
+    why = describe_missing(Path(path), what).removeprefix(f"{path}: ")
+    return UserError(f"{where}key '{key}': {path!r} is invalid; {why}")
+
+
 def check_experiment(cfg: ExperimentConfig, where: str) -> None:
+    """What involves several keys, the method or the file system (pydantic checked each key)."""
 
     def bad(key: str, allowed: str) -> UserError:
         return UserError(f"{where}key '{key}': {getattr(cfg, key)!r} is invalid; {allowed}")
@@ -274,32 +249,19 @@ def check_experiment(cfg: ExperimentConfig, where: str) -> None:
                 f"{where}key 'replace_class': the replaced class is the forget set; "
                 f"drop {', '.join(given)}"
             )
-        if sorted(rc) != ["new", "old"]:
-            raise bad("replace_class", 'use {"old": <trained class>, "new": <untrained class>}')
-        if min(rc.values()) < 0 or rc["old"] == rc["new"]:
+        if rc["old"] == rc["new"]:
             raise bad("replace_class", "old and new must be two different class indices >= 0")
-    cf = cfg.class_to_forget
-    if cf is not None:
-        cls = cf if isinstance(cf, list) else [cf]
-        if not cls or any(c < 0 for c in cls) or len(set(cls)) != len(cls):
-            raise bad("class_to_forget", "use a class index >= 0 or a list of distinct ones")
-    if cfg.unlearning_rate is not None and not 0 < cfg.unlearning_rate < 1:
-        raise bad("unlearning_rate", "use a fraction in (0, 1)")
     if cfg.idxs_to_forget is not None and not Path(cfg.idxs_to_forget).is_file():
-        raise bad("idxs_to_forget", "file not found")
-    if not 0 < cfg.mask_thr <= 1:
-        raise bad("mask_thr", "use the fraction of weights kept, in (0, 1]")
+        raise _file_problem(cfg.idxs_to_forget, "idxs_to_forget", where, "a forget-index file")
     if cfg.load_mask is not None and not Path(cfg.load_mask).is_file():
-        raise bad("load_mask", "file not found")
-    if not cfg.lr > 0:
-        raise bad("lr", "use a positive number")
-    if cfg.epochs < 0:
-        raise bad("epochs", "use an integer >= 0")
-    if cfg.batch_size < 1:
-        raise bad("batch_size", "use a positive integer")
-    if isinstance(cfg.checkpoint, str) and not _checkpoint_exists(cfg.checkpoint):
+        raise _file_problem(cfg.load_mask, "load_mask", where, "a mask file")
+    if isinstance(cfg.checkpoint, str) and (problem := checkpoint_problem(cfg.checkpoint)):
+        if Path(cfg.checkpoint).is_dir():
+            raise _file_problem(cfg.checkpoint, "checkpoint", where, "a checkpoint")
+        stem = checkpoint_stem(cfg.checkpoint)
+        if stem.with_name(stem.name + ".safetensors").is_file():  # there, but damaged
+            raise bad("checkpoint", f"{problem}; train it again (train.py) or use another one")
         raise bad("checkpoint", "file not found (give a .safetensors checkpoint with its .json)")
-    cfg.optimizer.check(where)
     spec = method_spec(cfg.method, where)
     if (cfg.use_mask or cfg.load_mask) and not spec.supports_mask:
         raise bad("use_mask", f"method '{cfg.method}' takes no gradient steps to mask")
@@ -309,24 +271,84 @@ def check_experiment(cfg: ExperimentConfig, where: str) -> None:
         cfg.method_args.check(f"{where}key 'method_args': ")
 
 
-def _checkpoint_exists(path: str) -> bool:
-
-    return checkpoint_exists(path)
-
-
 def load_experiments(path: str | Path) -> list[ExperimentConfig]:
     """Read and validate a whole experiment list before anything trains."""
     p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: experiment file not found")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(
-            f"{p}: malformed JSON at line {e.lineno}, column {e.colno}: {e.msg}"
-        ) from None
+    data = read_json(p, "an experiment file")
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data:
         raise UserError(f"{p}: expected a non-empty JSON list of experiment objects")
     return [parse_experiment(obj, f"{p}: experiment {i}: ") for i, obj in enumerate(data)]
+
+
+def absolute_paths(exp: dict[str, Any]) -> dict[str, Any]:
+    """An experiment's JSON (``to_json``) with its file paths made absolute, so the same file
+    named relatively or absolutely is the same configuration."""
+    out = dict(exp)
+    for key in (*PATH_KEYS, "checkpoint"):
+        if isinstance(out.get(key), str):
+            out[key] = str(Path(out[key]).resolve())
+    return out
+
+
+def run_record(source: str, nexp: int, seed: int, experiments: list[ExperimentConfig]) -> dict:
+    """What a run folder's ``config.json`` records: the resolved configuration, with absolute
+    paths (the experiment file's and every file an experiment names)."""
+    return {
+        "source": source if source == "command line" else str(Path(source).resolve()),
+        "nexp": nexp,
+        "seed": seed,
+        "experiments": [absolute_paths(e.to_json()) for e in experiments],
+    }
+
+
+_ABSENT = object()
+
+
+def _show(v: Any) -> str:
+    text = "absent" if v is _ABSENT else json.dumps(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def differences(old: Any, new: Any, key: str = "") -> list[str]:
+    """``<key> was <old>, now <new>`` for every leaf where two JSON values differ."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(old) + [k for k in new if k not in old]
+        return [
+            line
+            for k in keys
+            for line in differences(
+                old.get(k, _ABSENT), new.get(k, _ABSENT), f"{key}.{k}" if key else k
+            )
+        ]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        pairs = enumerate(zip(old, new, strict=True))
+        return [line for i, (a, b) in pairs for line in differences(a, b, f"{key}[{i}]")]
+    return [] if old == new else [f"{key} was {_show(old)}, now {_show(new)}"]
+
+
+def check_same_config(config_path: Path, record: dict[str, Any]) -> None:
+    """A rerun into an existing run folder must have the folder's configuration (``--nexp``
+    may differ: it only adds or leaves out seeds); otherwise one line says what differs."""
+    out = config_path.parent
+    try:
+        old = read_json(config_path, "a run folder's config.json")
+    except UserError as e:
+        raise UserError(f"{e}; this run folder's record is damaged: use a new --out") from None
+    if not isinstance(old, dict):
+        raise UserError(f"{config_path}: not a run folder's configuration; use a new --out")
+    if old.get("source") not in (None, "command line"):  # folders written before paths were
+        old["source"] = str(Path(old["source"]).resolve())  # recorded absolute
+    if isinstance(old.get("experiments"), list):
+        old["experiments"] = [absolute_paths(e) if isinstance(e, dict) else e
+                              for e in old["experiments"]]  # fmt: skip
+    keys = [k for k in record if k != "nexp"]
+    new = json.loads(dumps({k: record[k] for k in keys}))
+    diff = differences({k: old.get(k, _ABSENT) for k in keys}, new)
+    if diff:
+        more = f"; and {len(diff) - 3} more" if len(diff) > 3 else ""
+        raise UserError(
+            f"{out}: this run folder was made with a different configuration "
+            f"({'; '.join(diff[:3])}{more}); use a new --out to start a fresh run"
+        )

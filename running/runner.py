@@ -1,31 +1,47 @@
 """The experiment runner: validate everything, then run every experiment over every seed.
 
-For each experiment and seed: build the split from the base checkpoint's recorded split
-settings, find or train the retrain oracle for exactly that forget set, compute the saliency
-mask if asked, unlearn, evaluate the unlearned, base and oracle models with one pass per split,
-and write ``metrics.json``, the model and the mask atomically into the run folder. A rerun with
-the same ``--out`` skips finished runs.
+A run (:meth:`Runner.run_one`) is four steps:
+
+1. prepare: the base model (trained first when the experiment gives a recipe), the data, the
+   split from the base checkpoint's recorded split settings, and the retrain oracle of exactly
+   that forget set (from the cache, else trained);
+2. unlearn: the saliency mask if asked, then the method, timed without its monitoring;
+3. evaluate: one pass of the unlearned model per split; the base model's and the oracle's
+   outputs are a selection by index from their whole-pool outputs, computed once per cache
+   entry and saved with the checkpoint (``running/results.py``);
+4. persist: model, mask, ``outputs.safetensors`` and ``metrics.json``, each atomically,
+   ``metrics.json`` last.
+
+A rerun with the same ``--out`` skips the runs whose manifest verifies and redoes the others;
+several processes may share one ``--out`` (each run and each cache entry has a lock, see
+``running/rundir.py`` and :func:`training.checkpoints.build_once`).
+
+The sweep is a task graph (``running/graph.py``: base models, oracles, runs, summary);
+:meth:`Runner.execute` does one task in this process, :meth:`Runner.run_all` all of them one
+after the other, and ``running/workers.py`` the same tasks on a pool of worker processes, each
+rebuilding its runner from :meth:`Runner.arguments` (a JSON string). Every task sets its thread
+count first (``running/threads.py``) and records it in what it writes.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import math
 import sys
 import time
-from dataclasses import dataclass
-from datetime import datetime
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
-from tqdm.auto import tqdm
+from torch import Tensor, nn
 
 import metrics as M
 from core.errors import UserError, did_you_mean
-from core.io import atomic_write_text
+from core.io import atomic_write_text, dumps, strict
+from core.locks import locked, try_locked
 from datasets import (
     DeviceData,
     ForgetSpec,
@@ -36,19 +52,108 @@ from datasets import (
     make_split,
 )
 from evaluation.replacement import relabelled, replacement_metrics
+from evaluation.repr_eval import FeatureCapture, ReprCache
 from methods import MethodContext, Monitor, copy_model
 from models import build_model
-from running.config import ExperimentConfig
+from running.config import ExperimentConfig, parse_experiment
+from running.graph import (
+    BASE,
+    DONE,
+    HELD,
+    ORACLE,
+    RUN,
+    SKIPPED,
+    SUMMARY,
+    Graph,
+    Progress,
+    Task,
+    expand,
+    run_in_order,
+)
+from running.results import (
+    METRICS_FILE,
+    OUTPUTS_FILE,
+    RunResult,
+    load_reference,
+    reference_path,
+    save_outputs,
+    save_reference,
+    select_splits,
+    source_of,
+)
+from running.rundir import run_finished, run_problem, unfinish, write_manifest
 from running.tables import summarize, to_csv, to_markdown
+from running.threads import DEFAULT_THREADS, apply_threads, execution_record, made_with
 from running.wandb_log import WandbLogger
-from training.checkpoints import checkpoint_exists, load_checkpoint, read_meta, save_checkpoint
+from training.checkpoints import (
+    build_once,
+    checkpoint_problem,
+    checkpoint_stem,
+    load_checkpoint,
+    read_meta,
+    save_checkpoint,
+    verify_checkpoint,
+    versions,
+)
 from training.config import TrainConfig
 from training.loop import EVAL_BATCH
 from training.mask import SaliencyMask
-from training.recipe import checkpoint_stem, load_data, resolved_model, train_checkpoint
-from unlearning import method_spec
+from training.outputs import Outputs, collect_outputs
+from training.precision import channels_last, contiguous, set_amp
+from training.pretrain import ENCODERS, oracle_approximation, shares_encoder
+from training.recipe import (
+    base_checkpoint_name,
+    load_data,
+    oracle_checkpoint_name,
+    resolved_model,
+    train_checkpoint,
+)
+from unlearning import unlearn as run_method  # (Runner.unlearn is the step around it)
 
-SPLITS = ("forget", "retain", "test", "test_forget", "val")
+# the splits a run evaluates and saves (empty ones give NaN metrics and are not saved)
+SPLITS = ("forget", "retain", "val", "val_forget", "test", "test_forget")
+# what the unlearned model's sidecar (model.json) takes from the base model's: how to build it
+MODEL_KEYS = ("model", "dataset", "dataset_args", "num_classes", "in_chans", "img_size")
+# the unlearned model's own numbers in its sidecar
+SIDECAR_METRICS = (
+    "forget_acc", "retain_acc", "val_acc", "test_acc", "test_forget_acc", "mia_efficacy",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RunnerOptions:
+    """How to run: where the experiments came from, where results and checkpoints go, how
+    many seeds from which one, on which device, and W&B logging."""
+
+    source: str  # names the experiment list in messages ("exp/x.json", "command line")
+    out: Path
+    ckpt_dir: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    nexp: int = 1
+    base_seed: int = 0
+    data_dir: Path | None = None
+    wandb_mode: str = "disabled"
+    project: str = "unlearning"
+    quiet: bool = False
+    verbose: bool = False  # a line per epoch (quiet wins)
+    threads: int = DEFAULT_THREADS  # CPU threads of every task (running/threads.py)
+    amp: bool = True  # mixed precision on CUDA (training/precision.py)
+    representation: bool = True  # the repr section of metrics.json (main.py --no-repr: off)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain values only: what a worker process receives (:meth:`Runner.arguments`)."""
+        out = {f: getattr(self, f) for f in self.__dataclass_fields__}
+        for key in ("out", "ckpt_dir", "data_dir", "device"):
+            out[key] = None if out[key] is None else str(out[key])
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> RunnerOptions:
+        values = dict(obj)
+        for key in ("out", "ckpt_dir", "data_dir"):
+            values[key] = None if values[key] is None else Path(values[key])
+        values["device"] = torch.device(values["device"])
+        return cls(**values)
 
 
 @dataclass
@@ -70,69 +175,103 @@ class Job:
         return f"{self.index:02d}_{self.cfg.name}"
 
 
-def _train_cfg_key(cfg: TrainConfig) -> str:
-    import hashlib
+@dataclass
+class Checkpoint:
+    """A loaded base model or oracle: the model (eval mode), its sidecar and its path."""
 
-    return hashlib.sha256(json.dumps(cfg.to_json(), sort_keys=True).encode()).hexdigest()[:8]
+    model: nn.Module
+    meta: dict[str, Any]
+    path: Path
+
+
+@dataclass
+class Prepared:
+    """Step 1's result: everything a run starts from."""
+
+    data: DeviceData
+    spec: ForgetSpec
+    split: Split
+    base: Checkpoint
+    oracle: Checkpoint
+
+
+@dataclass
+class Unlearned:
+    """Step 2's result: the unlearned model, the model before, the mask and the times."""
+
+    model: nn.Module
+    original: nn.Module
+    mask: SaliencyMask | None
+    mask_seconds: float
+    unlearn_seconds: float
+
+
+# -- a run folder's files and its record of them ---------------------------------------------------
+
+
+def _run_finished(run_dir: Path) -> bool:
+    """Whether the run in `run_dir` is verified finished (a rerun skips it); a damaged one is
+    named in one line and redone."""
+    return run_finished(run_dir)
+
+
+def _persist(
+    run_dir: Path,
+    result: RunResult,
+    model: nn.Module,
+    sidecar: dict[str, Any],
+    forget: Tensor,
+    outs: dict[str, Outputs],
+    outputs_meta: dict[str, Any],
+    mask: SaliencyMask | None,
+) -> None:
+    """Write a run's files, each atomically, then metrics.json, then the manifest of their
+    hashes, which marks the run finished."""
+    unfinish(run_dir)
+    save_checkpoint(run_dir / "model", model, strict(sidecar), forget)
+    files = ["model.safetensors", "model.json", "model_forget.json", OUTPUTS_FILE, METRICS_FILE]
+    if mask is not None:
+        mask.save(run_dir / "mask.safetensors")
+        files.append("mask.safetensors")
+    save_outputs(run_dir / OUTPUTS_FILE, outs, outputs_meta)
+    result.write(run_dir)
+    write_manifest(run_dir, files)
+
+
+# -- the runner ----------------------------------------------------------------------------------
+
+# executes a sweep's tasks: (runner, graph, progress) -> None
+Backend = Callable[["Runner", Graph, Progress], None]
 
 
 class Runner:
-    def __init__(
-        self,
-        experiments: list[ExperimentConfig],
-        *,
-        source: str,
-        nexp: int,
-        base_seed: int,
-        device: torch.device,
-        out: Path,
-        ckpt_dir: Path,
-        data_dir: Path | None,
-        wandb_mode: str,
-        project: str = "unlearning",
-        quiet: bool = False,
-    ) -> None:
+    def __init__(self, experiments: list[ExperimentConfig], opts: RunnerOptions) -> None:
         self.experiments = experiments
-        self.source = source
-        self.nexp = nexp
-        self.base_seed = base_seed
-        self.device = device
-        self.out = out
-        self.ckpt_dir = ckpt_dir
-        self.data_dir = data_dir
-        self.quiet = quiet
-        self.wandb = WandbLogger(wandb_mode, project, out)
+        self.opts = opts
+        self.wandb = WandbLogger(opts.wandb_mode, opts.project, opts.out)
         self._raw: dict[str, RawData] = {}
         self._dev: dict[str, DeviceData] = {}
-        self._models: dict[str, tuple[nn.Module, dict[str, Any]]] = {}
-        self._outs: dict[tuple[str, str], dict[str, M.Outputs]] = {}
+        self._models: dict[str, Checkpoint] = {}
+        self._whole: dict[str, dict[str, Outputs]] = {}  # whole-pool/test outputs per checkpoint
         # base and oracle reports: experiments sharing a base model and forget set share them
         self._reports: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self._repr = ReprCache()  # base-model and oracle features, once per checkpoint
         self.jobs: list[Job] = []
 
-    # -- validation ------------------------------------------------------------------------
+    # -- data --------------------------------------------------------------------------------
 
     def raw(self, dataset: str, dataset_args: dict[str, Any]) -> RawData:
-        key = json.dumps([dataset, dataset_args], sort_keys=True)
+        key = dumps([dataset, dataset_args], indent=None)
         if key not in self._raw:
-            self._raw[key] = load_data(
-                TrainConfig(dataset=dataset, dataset_args=dataset_args), self.data_dir
-            )
+            cfg = TrainConfig(dataset=dataset, dataset_args=dataset_args)
+            self._raw[key] = load_data(cfg, self.opts.data_dir)
         return self._raw[key]
 
     def device_data(self, dataset: str, dataset_args: dict[str, Any]) -> DeviceData:
-        key = json.dumps([dataset, dataset_args], sort_keys=True)
+        key = dumps([dataset, dataset_args], indent=None)
         if key not in self._dev:
-            self._dev[key] = DeviceData(self.raw(dataset, dataset_args), self.device)
+            self._dev[key] = DeviceData(self.raw(dataset, dataset_args), self.opts.device)
         return self._dev[key]
-
-    def spec_for(self, job: Job, seed: int) -> ForgetSpec:
-        c = job.cfg
-        where = f"{self.source}: experiment {job.index}: "
-        if c.replace_class is not None:  # forget `old`; `new` takes its output slot
-            return ForgetSpec(classes=(c.replace_class["old"],), replace=c.replace_class["new"],
-                              seed=seed)  # fmt: skip
-        return make_forget_spec(c.class_to_forget, c.unlearning_rate, c.idxs_to_forget, seed, where)
 
     def job_data(self, job: Job) -> DeviceData:
         """The job's data; in class replacement, with `new` relabelled to `old` (scenarios)."""
@@ -140,345 +279,546 @@ class Runner:
         rc = job.cfg.replace_class
         if rc is None:
             return data
-        key = json.dumps([job.dataset, job.dataset_args, rc], sort_keys=True)
+        key = dumps([job.dataset, job.dataset_args, rc], indent=None)
         if key not in self._dev:
             self._dev[key] = relabelled(data, rc["old"], rc["new"])
         return self._dev[key]
 
+    def spec_for(self, job: Job, seed: int) -> ForgetSpec:
+        c = job.cfg
+        where = f"{self.opts.source}: experiment {job.index}: "
+        if c.replace_class is not None:  # forget `old`; `new` takes its output slot
+            return ForgetSpec(classes=(c.replace_class["old"],), replace=c.replace_class["new"],
+                              seed=seed)  # fmt: skip
+        return make_forget_spec(c.class_to_forget, c.unlearning_rate, c.idxs_to_forget, seed, where)
+
+    def split_for(self, job: Job, raw: RawData, seed: int) -> tuple[ForgetSpec, Split]:
+        spec = self.spec_for(job, seed)
+        return spec, make_split(raw, spec, job.split_seed, job.val_fraction, job.classes)
+
+    # -- validation --------------------------------------------------------------------------
+
     def resolve(self) -> list[Job]:
         """Check every experiment against its checkpoint and data before anything trains."""
-        jobs = []
-        for i, cfg in enumerate(self.experiments):
-            where = f"{self.source}: experiment {i}: "
-            if isinstance(cfg.checkpoint, TrainConfig):
-                t = cfg.checkpoint
-                stem = f"{checkpoint_stem(t, ForgetSpec())}_{_train_cfg_key(t)}"
-                model_name = resolved_model(t)
-                job = Job(i, cfg, self.ckpt_dir / stem, t, t.dataset, t.dataset_args,
-                          t.split_seed, t.val_fraction, t.classes)  # fmt: skip
-            else:
-                meta = read_meta(cfg.checkpoint)
-                if meta.get("kind") == "retrain":
-                    print(
-                        f"warning: {where}checkpoint {cfg.checkpoint} is a retrain oracle, "
-                        "not a base model",
-                        file=sys.stderr,
-                    )
-                model_name = meta["model"]
-                job = Job(i, cfg, Path(cfg.checkpoint), None, meta["dataset"],
-                          meta.get("dataset_args", {}), meta["split"]["split_seed"],
-                          meta["split"]["val_fraction"],
-                          meta["split"].get("classes"))  # fmt: skip
-            raw = self.raw(job.dataset, job.dataset_args)
-            cf = cfg.class_to_forget
-            for c in cf if isinstance(cf, list) else ([cf] if cf is not None else []):
-                if c >= raw.num_classes:
-                    raise UserError(
-                        f"{where}key 'class_to_forget': {c} is outside the checkpoint's classes "
-                        f"0..{raw.num_classes - 1}"
-                    )
-            for k in range(self.nexp):
-                try:
-                    make_split(raw, self.spec_for(job, self.base_seed + k), job.split_seed,
-                               job.val_fraction, job.classes)  # fmt: skip
-                except UserError as e:
-                    key = "key 'replace_class': " if cfg.replace_class is not None else ""
-                    raise UserError(f"{where}{key}{e}") from None
-            if cfg.load_mask is not None or cfg.frozen:
-                self._check_model_keys(cfg, build_model(model_name, raw.num_classes,
-                                                        raw.in_chans), model_name, where)  # fmt: skip
-            jobs.append(job)
-        self.jobs = jobs
-        return jobs
+        self.jobs = [self._check(self._job(i, cfg)) for i, cfg in enumerate(self.experiments)]
+        return self.jobs
 
-    @staticmethod
-    def _check_model_keys(cfg: ExperimentConfig, model: nn.Module, name: str, where: str) -> None:
-        """A mask file and the frozen prefixes must fit the model (an untrained skeleton)."""
-        if cfg.load_mask is not None:
+    def _job(self, i: int, cfg: ExperimentConfig) -> Job:
+        if isinstance(cfg.checkpoint, TrainConfig):
+            t = cfg.checkpoint
+            return Job(i, cfg, self.opts.ckpt_dir / base_checkpoint_name(t), t, t.dataset,
+                       t.dataset_args, t.split_seed, t.val_fraction, t.classes)  # fmt: skip
+        meta = verify_checkpoint(cfg.checkpoint)  # weights and sidecar, before anything runs
+        if meta.get("kind") == "retrain":
+            print(f"warning: {self.opts.source}: experiment {i}: checkpoint {cfg.checkpoint} "
+                  "is a retrain oracle, not a base model", file=sys.stderr)  # fmt: skip
+        s = meta["split"]
+        return Job(i, cfg, Path(cfg.checkpoint), None, meta["dataset"],
+                   meta.get("dataset_args", {}), s["split_seed"], s["val_fraction"],
+                   s.get("classes"))  # fmt: skip
+
+    def _check(self, job: Job) -> Job:
+        cfg, where = job.cfg, f"{self.opts.source}: experiment {job.index}: "
+        raw = self.raw(job.dataset, job.dataset_args)
+        wrong = [c for c in job.classes or [] if c >= raw.num_classes]
+        if wrong and job.base_train is not None:
+            raise UserError(f"{where}key 'checkpoint.classes': {wrong[0]} is outside "
+                            f"{job.dataset}'s classes 0..{raw.num_classes - 1}")  # fmt: skip
+        cf = cfg.class_to_forget
+        for c in cf if isinstance(cf, list) else ([cf] if cf is not None else []):
+            if c >= raw.num_classes:
+                raise UserError(f"{where}key 'class_to_forget': {c} is outside the "
+                                f"checkpoint's classes 0..{raw.num_classes - 1}")  # fmt: skip
+        for k in range(self.opts.nexp):
             try:
-                SaliencyMask.load(cfg.load_mask, model)
+                self.split_for(job, raw, self.opts.base_seed + k)
             except UserError as e:
-                raise UserError(f"{where}key 'load_mask': {e}") from None
-        params = [n for n, _ in model.named_parameters()]
-        for prefix in cfg.frozen:
-            if not any(n == prefix or n.startswith(prefix + ".") for n in params):
-                modules = [n for n, _ in model.named_modules() if n]
-                raise UserError(
-                    f"{where}key 'frozen': {prefix!r} matches no parameter of {name}"
-                    f"{did_you_mean(prefix, modules + params)}"
-                )
+                key = "key 'replace_class': " if cfg.replace_class is not None else ""
+                raise UserError(f"{where}{key}{e}") from None
+        if cfg.load_mask is not None or cfg.frozen:
+            bt = job.base_train
+            name = resolved_model(bt) if bt is not None else read_meta(job.base_path)["model"]
+            model = build_model(name, raw.num_classes, raw.in_chans)
+            _check_model_keys(cfg, model, name, where)
+        return job
 
-    # -- checkpoints -----------------------------------------------------------------------
+    # -- checkpoints -------------------------------------------------------------------------
 
-    def base_model(self, job: Job) -> tuple[nn.Module, dict[str, Any]]:
+    def base_model(self, job: Job) -> Checkpoint:
         key = str(job.base_path)
         if key not in self._models:
-            if job.base_train is not None and not checkpoint_exists(job.base_path):
-                train_checkpoint(
-                    job.base_train,
+            recipe = job.base_train
+            if recipe is not None:  # a cache entry: built once, rebuilt if damaged
+                build_once(job.base_path, lambda: train_checkpoint(
+                    recipe,
                     ForgetSpec(),
-                    self.ckpt_dir,
-                    device=self.device,
+                    self.opts.ckpt_dir,
+                    device=self.opts.device,
                     data=self.device_data(job.dataset, job.dataset_args),
                     raw=self.raw(job.dataset, job.dataset_args),
                     stem=job.base_path.name,
-                    quiet=self.quiet,
-                )
-            model, meta = load_checkpoint(job.base_path, self.device)
-            self._models[key] = (model.eval(), meta)
+                    quiet=self.opts.quiet,
+                    verbose=self.opts.verbose,
+                    data_dir=self.opts.data_dir,
+                    encoder_dir=self.opts.ckpt_dir / ENCODERS,
+                ))  # fmt: skip
+            model, meta = load_checkpoint(job.base_path, self.opts.device)
+            self._models[key] = Checkpoint(model.eval(), meta, job.base_path)
         return self._models[key]
 
-    def oracle(
-        self, job: Job, base_meta: dict[str, Any], spec: ForgetSpec, split: Split
-    ) -> tuple[nn.Module, dict[str, Any], Path]:
+    def base_key(self, job: Job) -> str:
+        """The graph key of the job's base model (its checkpoint's name)."""
+        return f"{BASE}:{checkpoint_stem(job.base_path).name}"
+
+    def oracle_path(self, job: Job, spec: ForgetSpec, split: Split) -> Path:
+        """Where the retrain oracle of the job's base model and this forget set is cached."""
+        recipe = job.base_train or TrainConfig.from_json(read_meta(job.base_path)["train"])
+        shared = shares_encoder(recipe, job.cfg.pretrain_oracle)  # a self-supervised base
+        name = oracle_checkpoint_name(checkpoint_stem(job.base_path).name, spec, split.forget,
+                                      shared)  # fmt: skip
+        return self.opts.ckpt_dir / "oracles" / name
+
+    def oracle(self, job: Job, base: Checkpoint, spec: ForgetSpec, split: Split) -> Checkpoint:
         """The retrain oracle for this base checkpoint and exactly this forget set."""
-        base_stem = Path(str(job.base_path)).name.removesuffix(".safetensors")
-        digest = indices_hash(split.forget)[:16]
-        # a replacement oracle also learns `new` in `old`'s slot: not the forget-only oracle
-        kind = "RF" if spec.replace is None else f"RP{spec.replace}"
-        path = self.ckpt_dir / "oracles" / f"{base_stem}__{kind}_{digest}"
+        path = self.oracle_path(job, spec, split)
         key = str(path)
         if key not in self._models:
-            if not checkpoint_exists(path):
-                if not self.quiet:
-                    print(f"building retrain oracle {path.name}", file=sys.stderr)
+
+            def build() -> None:
+                digest = indices_hash(split.forget)[:16]
                 train_checkpoint(
-                    TrainConfig.from_json(base_meta["train"]),
+                    TrainConfig.from_json(base.meta["train"]),
                     spec,
                     path.parent,
-                    device=self.device,
+                    device=self.opts.device,
                     data=self.job_data(job),
                     raw=self.raw(job.dataset, job.dataset_args),
                     stem=path.name,
                     extra_meta={"base_checkpoint": str(job.base_path), "forget_sha256": digest},
-                    quiet=self.quiet,
+                    quiet=self.opts.quiet,
+                    verbose=self.opts.verbose,
+                    data_dir=self.opts.data_dir,
+                    encoder_dir=self.opts.ckpt_dir / ENCODERS,
+                    pretrain_oracle=job.cfg.pretrain_oracle,
                 )
-            model, meta = load_checkpoint(path, self.device)
-            self._models[key] = (model.eval(), meta)
-        model, meta = self._models[key]
-        return model, meta, path
 
-    # -- evaluation ------------------------------------------------------------------------
+            build_once(path, build)  # a cache entry: built once, rebuilt if damaged
+            model, meta = load_checkpoint(path, self.opts.device)
+            self._models[key] = Checkpoint(model.eval(), meta, path)
+        return self._models[key]
 
-    def outputs(
-        self, model: nn.Module, data: DeviceData, split: Split, cache_key: str | None = None
-    ) -> dict[str, M.Outputs]:
-        key = self._outputs_key(split, cache_key)
-        if cache_key is not None and key in self._outs:
-            return self._outs[key]
-        outs = {}
-        for name in SPLITS:
-            idx = getattr(split, name)
-            source = "test" if name.startswith("test") else "train"
-            outs[name] = M.collect_outputs(model, data.batches(idx, EVAL_BATCH, source=source))
-        if cache_key is not None:
-            self._outs[key] = outs
-        return outs
+    # -- outputs of base models and oracles ----------------------------------------------------
 
-    @staticmethod
-    def _outputs_key(split: Split, cache_key: str | None) -> tuple[str, str]:
-        return (cache_key or "", indices_hash(split.forget) + str(split.spec.classes)
-                + str(split.spec.replace))  # fmt: skip
+    def whole_outputs(self, ck: Checkpoint, job: Job) -> dict[str, Outputs]:
+        """A checkpoint's outputs on the whole pool and test set (raw labels): from the file
+        saved with it when made from these weights, else computed once and saved."""
+        key = str(ck.path)
+        if key not in self._whole:
+            path = reference_path(ck.path)
+            sha = _weights_sha256(ck.meta)
+            outs = _reusable_reference(path, sha)
+            if outs is None:
+                data = self.device_data(job.dataset, job.dataset_args)
+                outs = {part: collect_outputs(ck.model, data.batches(
+                            torch.arange(len(data.y[src])), EVAL_BATCH, source=src))
+                        for part, src in (("pool", "train"), ("test", "test"))}  # fmt: skip
+                meta = _outputs_meta(data) | {"checkpoint": checkpoint_stem(ck.path).name,
+                                              "weights_sha256": sha}  # fmt: skip
+                try:
+                    save_reference(path, outs["pool"], outs["test"], meta)
+                except OSError as e:  # a read-only checkpoint folder: keep them in memory
+                    print(f"warning: {path}: not saved ({e.strerror})", file=sys.stderr)
+            self._whole[key] = outs
+        return self._whole[key]
 
     def reference(
-        self, model: nn.Module, data: DeviceData, split: Split, cache_key: str, seed: int
-    ) -> tuple[dict[str, M.Outputs], dict[str, Any]]:
-        """Outputs and report of a base model or oracle, computed once per split and seed."""
-        outs = self.outputs(model, data, split, cache_key)
-        key = (*self._outputs_key(split, cache_key), seed)
+        self, ck: Checkpoint, job: Job, prep: Prepared, seed: int
+    ) -> tuple[dict[str, Outputs], dict[str, Any]]:
+        """Outputs of a base model or oracle on the run's splits, and its report (computed once
+        per checkpoint, forget set and seed)."""
+        data, split = prep.data, prep.split
+        idx = {name: getattr(split, name) for name in SPLITS}
+        labels = {n: data.y[source_of(n)][i].cpu() for n, i in idx.items()}
+        outs = select_splits(self.whole_outputs(ck, job), idx, labels)
+        key = (str(ck.path), indices_hash(split.forget) + str(split.spec.classes)
+               + str(split.spec.replace), seed)  # fmt: skip
         if key not in self._reports:
             self._reports[key] = M.model_report(outs, seed, data.num_classes)
         return outs, self._reports[key]
 
-    # -- running ---------------------------------------------------------------------------
+    # -- running -----------------------------------------------------------------------------
 
     def run_dir(self, job: Job, k: int) -> Path:
-        return self.out / "runs" / job.folder / f"seed{self.base_seed + k}"
+        return self.opts.out / "runs" / job.folder / f"seed{self.opts.base_seed + k}"
 
-    def run_all(self) -> list[dict[str, Any]]:
-        total = len(self.jobs) * self.nexp
-        done = 0
-        bar = tqdm(total=total, desc="runs", unit="run", disable=None)
+    # -- the task graph ----------------------------------------------------------------------
+
+    def graph(self, *, report: bool = False) -> Graph:
+        """The sweep's tasks (after :meth:`resolve`), those already finished marked done."""
+        graph = expand(self, report=report)
+        graph.check(self.task_done)
+        return graph
+
+    def task_done(self, task: Task) -> bool:
+        """Whether a task's output is present and verifies (nothing is printed)."""
+        path = Path(task.path)
+        if task.kind == RUN:
+            return run_problem(path) is None
+        if task.kind in (BASE, ORACLE):
+            if checkpoint_problem(path) is not None:
+                return False
+            sha = _weights_sha256(read_meta(path))
+            return _reusable_reference(reference_path(path), sha) is not None
+        return False
+
+    def skipped_lines(self, graph: Graph) -> list[str]:
+        """One line per run found finished before the sweep started."""
+        return [self._skip_line(t) for t in graph.layer(RUN) if t.key in graph.done]
+
+    def _skip_line(self, task: Task) -> str:
+        return f"skip {self.jobs[task.job].folder} seed {self.opts.base_seed + task.k}: finished"
+
+    def execute(self, task: Task, wait: bool = True) -> tuple[str, str]:
+        """Do one task in this process: (status, the line it reports, maybe empty).
+
+        The status is ``done``, ``skipped`` (a run found finished under its lock) or, without
+        `wait`, ``held`` (another process holds the run; nothing was done).
+        """
+        apply_threads(self.opts.threads)
+        set_amp(self.opts.amp)
+        if task.kind == SUMMARY:
+            self.write_summary(self.collect())
+            return DONE, ""
+        if task.kind not in (BASE, ORACLE, RUN):
+            raise ValueError(f"task {task.key}: the runner does not execute {task.kind} tasks")
+        job = self.jobs[task.job]
+        if task.kind == BASE:
+            self.whole_outputs(self.base_model(job), job)
+            return DONE, ""
+        if task.kind == ORACLE:
+            prep = self.prepare(job, self.opts.base_seed + task.k)
+            self.whole_outputs(prep.oracle, job)
+            return DONE, ""
+        run_dir = Path(task.path)
+
+        def attempt() -> tuple[str, str]:
+            if _run_finished(run_dir):
+                return SKIPPED, self._skip_line(task)
+            result = self.run_one(job, task.k)
+            return DONE, run_line(job, result)
+
+        with try_locked(run_dir) as mine:  # a run's lock is "<run folder>.lock" beside it
+            if mine:
+                return attempt()
+        if not wait:
+            return HELD, ""
+        with locked(run_dir, f"running {run_dir}"):
+            return attempt()
+
+    def arguments(self) -> str:
+        """The sweep as one JSON string of plain values: with a task key, everything a fresh
+        process needs to execute that task (:func:`running.workers.run_task`)."""
+        experiments = [minimal_json(e) for e in self.experiments]
+        return dumps({"options": self.opts.to_json(), "experiments": experiments}, indent=None)
+
+    @classmethod
+    def from_arguments(cls, text: str) -> Runner:
+        """The runner of :meth:`arguments`, resolved (its checks run again here)."""
+        obj = json.loads(text)
+        opts = RunnerOptions.from_json(obj["options"])
+        where = f"{opts.source}: experiment "
+        exps = [parse_experiment(e, f"{where}{i}: ") for i, e in enumerate(obj["experiments"])]
+        runner = cls(exps, opts)
+        runner.resolve()
+        return runner
+
+    # -- running -----------------------------------------------------------------------------
+
+    def run_all(self, backend: Backend | None = None) -> list[RunResult]:
+        """Every task of the sweep, then the summary (written also when a run fails or the
+        sweep is interrupted). `backend(runner, graph, progress)` executes the tasks (a pool of
+        worker processes: running/workers.py); by default one after the other in this process.
+        """
+        graph = self.graph()
+        progress = Progress(graph, self.opts.quiet)
+        for line in self.skipped_lines(graph):
+            progress.line(line)
         try:
-            for job in self.jobs:
-                for k in range(self.nexp):
-                    d = self.run_dir(job, k)
-                    if (d / "metrics.json").is_file():
-                        if not self.quiet:
-                            print(f"skip {job.folder} seed {self.base_seed + k}: finished",
-                                  file=sys.stderr)  # fmt: skip
-                    else:
-                        self.run_one(job, k)
-                    done += 1
-                    bar.update(1)
+            if backend is None:  # runs another process holds come last, once it let go of them
+                run_in_order(graph, self.execute, progress)
+            else:
+                backend(self, graph, progress)
         finally:
-            bar.close()
+            progress.close()
             results = self.collect()
             self.write_summary(results)
         return results
 
-    def run_one(self, job: Job, k: int) -> dict[str, Any]:
-        seed = self.base_seed + k
-        cfg = job.cfg
-        label = f"{job.folder} seed {seed}"
-        if not self.quiet:
-            print(f"== {label}: {cfg.method} on {job.dataset}", file=sys.stderr)
-        base, base_meta = self.base_model(job)
+    def run_one(self, job: Job, k: int) -> RunResult:
+        """One run: prepare, unlearn, evaluate, persist, log."""
+        seed = self.opts.base_seed + k
+        prep = self.prepare(job, seed)
+        unl = self.unlearn(job, prep, seed)
+        result, outs = self.evaluate(job, prep, unl, seed)
+        _persist(self.run_dir(job, k), result, unl.model, self.sidecar(job, prep, result),
+                 prep.split.forget, outs, _outputs_meta(prep.data), unl.mask)  # fmt: skip
+        self.wandb.finish(result.flat())
+        return result
+
+    def prepare(self, job: Job, seed: int) -> Prepared:
+        base = self.base_model(job)
         data = self.job_data(job)
-        spec = self.spec_for(job, seed)
-        split = make_split(data.raw, spec, job.split_seed, job.val_fraction, job.classes)
-        oracle, oracle_meta, oracle_path = self.oracle(job, base_meta, spec, split)
+        spec, split = self.split_for(job, data.raw, seed)
+        return Prepared(data, spec, split, base, self.oracle(job, base, spec, split))
 
+    def unlearn(self, job: Job, prep: Prepared, seed: int) -> Unlearned:
+        cfg = job.cfg
         torch.manual_seed(seed)
-        model = copy.deepcopy(base).train()
-        original = copy_model(base)
-        recipe = TrainConfig.from_json(base_meta["train"])
-        ctx = MethodContext(data, split, seed, original, recipe, base_meta["model"])
-        run_name = f"{job.folder}_s{seed}"
-        self.wandb.start(run_name, job.folder, cfg.to_json() | {"seed": seed})
-        monitor = Monitor(self.wandb.log, quiet=self.quiet)
+        model = copy.deepcopy(prep.base.model).train()
+        original = copy_model(prep.base.model)
+        recipe = TrainConfig.from_json(prep.base.meta["train"])
+        ctx = MethodContext(prep.data, prep.split, seed, original, recipe, prep.base.meta["model"])
+        self.wandb.start(f"{job.folder}_s{seed}", job.folder, cfg.to_json() | {"seed": seed})
+        monitor = Monitor(self.wandb.log, quiet=self.opts.quiet or not self.opts.verbose)
 
+        settings = cfg.settings()
+        base_sha = _weights_sha256(prep.base.meta)  # a mask file names the base weights it fits
         start = time.perf_counter()
         mask = None
         if cfg.load_mask:
-            mask = SaliencyMask.load(cfg.load_mask, model)
+            mask = SaliencyMask.load(cfg.load_mask, model, base_sha256=base_sha)
         elif cfg.use_mask:
-            mask = SaliencyMask.compute(model, data, split.forget, cfg.mask_thr, cfg.batch_size)
+            mask = SaliencyMask.compute(
+                model, prep.data, prep.split.forget, cfg.mask_thr, cfg.batch_size,
+                augment=settings.mask_augment, seed=seed, base_sha256=base_sha,
+            )  # fmt: skip
         mask_seconds = time.perf_counter() - start
-        spec_m = method_spec(cfg.method)
-        model = spec_m.fn(model, ctx, cfg.settings(), mask, monitor)
+        channels_last(model, self.opts.device)  # a conv net on CUDA (training/precision.py)
+        model = run_method(model, ctx, settings, mask, monitor)
+        contiguous(model)  # as saved
         # the per-epoch monitoring is bookkeeping, not unlearning work
         unlearn_seconds = time.perf_counter() - start - monitor.excluded_seconds
-        model.eval()
+        return Unlearned(model.eval(), original, mask, mask_seconds, unlearn_seconds)
 
+    def evaluate(
+        self, job: Job, prep: Prepared, unl: Unlearned, seed: int
+    ) -> tuple[RunResult, dict[str, Outputs]]:
+        """Every metric of the run; its outputs per split. A method that moved a frozen
+        parameter fails the run here, before anything is written."""
         eval_start = time.perf_counter()
-        outs = self.outputs(model, data, split)
-        base_outs, base_report = self.reference(base, data, split, str(job.base_path), seed)
-        oracle_outs, oracle_report = self.reference(oracle, data, split, str(oracle_path), seed)
-        nc = data.num_classes
-        report = M.model_report(outs, seed, nc)
-        gaps = M.oracle_comparison(report, oracle_report, outs, oracle_outs)
-        l2 = M.l2_distance(model, original)
-        result: dict[str, Any] = {
-            "experiment": job.folder,
-            "index": job.index,
-            "name": cfg.name,
-            "method": cfg.method,
-            "seed": seed,
-            "forget": spec.to_json()
-            | {"n": len(split.forget), "sha256": indices_hash(split.forget)},
-            "metrics": report | {"l2_to_base": l2},
-            "oracle": oracle_report | {"l2_to_base": M.l2_distance(oracle, original)},
-            "base": base_report,
-            "gaps": gaps,
-            "times": M.time_efficiency(unlearn_seconds, float(oracle_meta["train_seconds"]))
-            | {"mask_time": mask_seconds},
-            "mask_kept": mask.kept_fraction() if mask is not None else None,
-            "oracle_checkpoint": str(oracle_path),
-            "base_checkpoint": str(job.base_path),
+        capture = FeatureCapture(unl.model) if self.wants_repr(job) else None  # the repr section
+        outs = {
+            n: collect_outputs(unl.model, prep.data.batches(getattr(prep.split, n), EVAL_BATCH,
+                                                            source=source_of(n)))
+            for n in SPLITS
+        }  # fmt: skip
+        base_outs, base_report = self.reference(prep.base, job, prep, seed)
+        oracle_outs, oracle_report = self.reference(prep.oracle, job, prep, seed)
+        report = M.model_report(outs, seed, prep.data.num_classes)
+        forget = prep.split.forget
+        result = RunResult(
+            experiment=job.folder,
+            index=job.index,
+            name=job.cfg.name,
+            method=job.cfg.method,
+            seed=seed,
+            forget=prep.spec.to_json() | {"n": len(forget), "sha256": indices_hash(forget)},
+            metrics=report | {"l2_to_base": M.l2_distance(unl.model, unl.original)},
+            oracle=oracle_report | {"l2_to_base": M.l2_distance(prep.oracle.model, unl.original)},
+            base=base_report,
+            gaps=M.oracle_comparison(report, oracle_report, outs, oracle_outs),
+            times=M.time_efficiency(unl.unlearn_seconds, float(prep.oracle.meta["train_seconds"]))
+            | {"mask_time": unl.mask_seconds},
+            mask_kept=unl.mask.kept_fraction() if unl.mask is not None else None,
+            oracle_checkpoint=str(prep.oracle.path),
+            base_checkpoint=str(job.base_path),
+        )
+        # how this run computed, and what made the cached base model and oracle it used
+        result.extra["execution"] = execution_record(self.opts.device) | {
+            "base": made_with(prep.base.meta),
+            "oracle": made_with(prep.oracle.meta),
         }
+        self._representation(result, job, prep, unl, capture, {n: len(outs[n]) for n in SPLITS})
+        all_outs = {"unlearned": outs, "base": base_outs, "oracle": oracle_outs}
+        self._scenario_metrics(result, job, prep, unl, all_outs)
+        result.times["eval_time"] = time.perf_counter() - eval_start
+        return result, outs
+
+    def wants_repr(self, job: Job) -> bool:
+        return self.opts.representation and job.cfg.representation
+
+    def _representation(
+        self,
+        result: RunResult,
+        job: Job,
+        prep: Prepared,
+        unl: Unlearned,
+        capture: FeatureCapture | None,
+        sizes: dict[str, int],
+    ) -> None:
+        """The repr section (evaluation/repr_eval.py) from the features the evaluation pass
+        recorded, unless turned off; and the flag of an oracle fine-tuned from the base
+        model's encoder (training/pretrain.py)."""
+        approx = oracle_approximation(prep.oracle.meta)
+        if approx is not None:
+            result.extra["oracle_approximation"] = approx
+        if capture is None:
+            return
+        start = time.perf_counter()
+        base, oracle = prep.base, prep.oracle
+        result.extra["repr"] = self._repr.section(
+            unl.model, (str(base.path), base.model), (str(oracle.path), oracle.model),
+            prep.data, prep.split, capture.take(sizes),
+        )  # fmt: skip
+        result.times["repr_time"] = time.perf_counter() - start
+
+    def _scenario_metrics(
+        self,
+        result: RunResult,
+        job: Job,
+        prep: Prepared,
+        unl: Unlearned,
+        outs: dict[str, dict[str, Outputs]],
+    ) -> None:
+        """The frozen-layer check, and the replacement or challenge numbers of the scenario."""
+        cfg, spec = job.cfg, prep.spec
         if cfg.frozen:
-            moved = M.changed_parameters(model, original, cfg.frozen)
-            result["frozen_changed"] = moved
-            if moved:
+            result.frozen_changed = M.changed_parameters(unl.model, unl.original, cfg.frozen)
+            if result.frozen_changed:
                 raise RuntimeError(
-                    f"{label}: method '{cfg.method}' changed frozen parameters: {', '.join(moved)}"
+                    f"{job.folder} seed {result.seed}: method '{cfg.method}' changed frozen "
+                    f"parameters: {', '.join(result.frozen_changed)}"
                 )
         if spec.replace is not None:
-            result["replacement"] = {
-                "unlearned": replacement_metrics(outs, data.raw, spec, split, nc),
-                "base": replacement_metrics(base_outs, data.raw, spec, split, nc),
-                "oracle": replacement_metrics(oracle_outs, data.raw, spec, split, nc),
+            raw, nc = prep.data.raw, prep.data.num_classes
+            result.replacement = {
+                who: replacement_metrics(o, raw, spec, prep.split, nc) for who, o in outs.items()
             }
         elif spec.classes:
-            result["challenge"] = M.challenge_score(
-                report["forget_acc"], report["retain_acc"], l2, report["kl_uniform_forget"],
-                frozen_changed=result.get("frozen_changed", []),
+            m = result.metrics
+            result.challenge = M.challenge_score(
+                m["forget_acc"], m["retain_acc"], m["l2_to_base"], m["kl_uniform_forget"],
+                frozen_changed=result.frozen_changed or [],
             )  # fmt: skip
-        result["times"]["eval_time"] = time.perf_counter() - eval_start
 
-        d = self.run_dir(job, k)
-        save_checkpoint(
-            d / "model",
-            model,
-            base_meta
-            | {
-                "kind": "unlearned",
-                "method": cfg.method,
-                "experiment": cfg.to_json(),
-                "seed": seed,
-                "base_checkpoint": str(job.base_path),
-                "split": base_meta["split"] | {"forget": spec.to_json()},
-            },
-            split.forget,
-        )
-        if mask is not None:
-            mask.save(d / "mask.safetensors")
-        atomic_write_text(d / "metrics.json", json.dumps(_clean(result), indent=2))
-        flat = _flat(result)
-        self.wandb.finish(flat)
-        if not self.quiet:
-            r, g = report, gaps
-            print(
-                f"   {label}: forget {r['forget_acc']:.4f} (oracle {oracle_report['forget_acc']:.4f})"
-                f"  retain {r['retain_acc']:.4f}  test {r['test_acc']:.4f}"
-                f"  MIA {r['mia_efficacy']:.4f}  avg gap {g['avg_gap']:.2f}"
-                f"  time {unlearn_seconds:.1f}s",
-                file=sys.stderr,
-            )
-            if "replacement" in result:
-                rp = result["replacement"]["unlearned"]
-                print(f"   {label}: replacement: new in old's slot {rp['new_acc']:.4f}  old still "
-                      f"there {rp['old_acc']:.4f}  untouched {rp['untouched_acc']:.4f} (test)",
-                      file=sys.stderr)  # fmt: skip
-        return result
+    def sidecar(self, job: Job, prep: Prepared, result: RunResult) -> dict[str, Any]:
+        """The unlearned model's model.json: what it is and its own numbers; nothing of the
+        base model's but its architecture, data, split settings and training recipe (which a
+        retrain oracle of this model re-runs)."""
+        bm, split = prep.base.meta, prep.split
+        keep = {k: bm["split"][k] for k in ("split_seed", "val_fraction", "classes")
+                if k in bm["split"]}  # fmt: skip
+        return {k: bm[k] for k in MODEL_KEYS if k in bm} | {
+            "kind": "unlearned",
+            "method": job.cfg.method,
+            "experiment": job.cfg.to_json(),
+            "experiment_folder": job.folder,
+            "seed": result.seed,
+            "base_checkpoint": str(job.base_path),
+            "base_sha256": _weights_sha256(bm),
+            "oracle_checkpoint": str(prep.oracle.path),
+            "split": keep | {"forget": prep.spec.to_json(), "sizes": split.summary()},
+            "train": bm["train"],
+            "metrics": {k: result.metrics[k] for k in SIDECAR_METRICS}
+            | {"l2_to_base": result.metrics["l2_to_base"]},
+            **execution_record(self.opts.device),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(),
+        }
 
-    # -- results ---------------------------------------------------------------------------
+    # -- results -----------------------------------------------------------------------------
 
-    def collect(self) -> list[dict[str, Any]]:
-        results = []
-        for job in self.jobs:
-            for k in range(self.nexp):
-                p = self.run_dir(job, k) / "metrics.json"
-                if p.is_file():
-                    results.append(json.loads(p.read_text()))
-        return results
+    def collect(self) -> list[RunResult]:
+        return [
+            RunResult.read(self.run_dir(job, k))
+            for job in self.jobs
+            for k in range(self.opts.nexp)
+            if run_problem(self.run_dir(job, k)) is None  # verified, without a word
+        ]
 
-    def write_summary(self, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def write_summary(self, results: list[RunResult]) -> list[dict[str, Any]]:
         rows = summarize(results, [j.folder for j in self.jobs])
-        if not rows:
-            return rows
-        atomic_write_text(self.out / "summary.csv", to_csv(rows))
-        md = to_markdown(rows)
-        atomic_write_text(self.out / "summary.md", md + "\n")
+        if rows:
+            atomic_write_text(self.opts.out / "summary.csv", to_csv(rows))
+            atomic_write_text(self.opts.out / "summary.md", to_markdown(rows) + "\n")
         return rows
 
 
-def _clean(obj: Any) -> Any:
-    """JSON has no NaN: write null instead, so every tool can read the file."""
-    if isinstance(obj, float) and (math.isnan(obj) or math.isinf(obj)):
+def _check_model_keys(cfg: ExperimentConfig, model: nn.Module, name: str, where: str) -> None:
+    """A mask file and the frozen prefixes must fit the model (an untrained skeleton)."""
+    if cfg.load_mask is not None:
+        try:
+            SaliencyMask.load(cfg.load_mask, model)
+        except UserError as e:
+            raise UserError(f"{where}key 'load_mask': {e}") from None
+    params = [n for n, _ in model.named_parameters()]
+    for prefix in cfg.frozen:
+        if not any(n == prefix or n.startswith(prefix + ".") for n in params):
+            modules = [n for n, _ in model.named_modules() if n]
+            raise UserError(
+                f"{where}key 'frozen': {prefix!r} matches no parameter of {name}"
+                f"{did_you_mean(prefix, modules + params)}"
+            )
+
+
+def _weights_sha256(meta: dict[str, Any]) -> str | None:
+    """The sha256 of a checkpoint's weights as its sidecar records it, if it does."""
+    record = (meta.get("files") or {}).get("weights") or {}
+    sha = record.get("sha256") if isinstance(record, dict) else None
+    return sha if isinstance(sha, str) else None
+
+
+def _reusable_reference(path: Path, sha: str | None) -> dict[str, Outputs] | None:
+    """The saved whole-pool outputs at `path` if they were made from the weights `sha`."""
+    if sha is None or not path.is_file():
         return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
+    try:
+        outs, meta = load_reference(path)
+    except UserError:
+        return None  # damaged: computed again and rewritten
+    return outs if meta.get("weights_sha256") == sha else None
 
 
-def _flat(result: dict[str, Any]) -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for sect in ("metrics", "gaps", "times"):
-        for k, v in result.get(sect, {}).items():
-            flat[f"{sect}/{k}"] = v
-    for k, v in result.get("oracle", {}).items():
-        flat[f"oracle/{k}"] = v
-    if "challenge" in result:
-        flat["challenge/score"] = result["challenge"]["score"]
-    return flat
+def _outputs_meta(data: DeviceData) -> dict[str, Any]:
+    """What the plots need to know about the outputs without loading the data."""
+    return {
+        "dataset": data.raw.name,
+        "num_classes": data.num_classes,
+        "classes": list(data.raw.classes),
+    }
+
+
+def run_line(job: Job, r: RunResult) -> str:
+    """The one line a finished run reports: ``== <folder> seed <N>: <method> on <dataset> |``
+    and its main numbers (accuracies in %)."""
+    m, o = r.metrics, r.oracle
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.2f}%"
+
+    line = (
+        f"== {job.folder} seed {r.seed}: {job.cfg.method} on {job.dataset} | forget "
+        f"{pct(m['forget_acc'])} (oracle {pct(o['forget_acc'])}), retain {pct(m['retain_acc'])}, "
+        f"test {pct(m['test_acc'])}, MIA {pct(m['mia_efficacy'])}, "
+        f"avg gap {r.gaps['avg_gap']:.2f}, {r.times['unlearn_time']:.1f} s"
+    )
+    if r.replacement is not None:
+        rp = r.replacement["unlearned"]
+        line += (f"; on test: new in old's slot {pct(rp['new_acc'])}, old still there "
+                 f"{pct(rp['old_acc'])}, untouched {pct(rp['untouched_acc'])}")  # fmt: skip
+    return line
+
+
+def minimal_json(cfg: ExperimentConfig) -> dict[str, Any]:
+    """An experiment as the keys that differ from the defaults (and its method): what
+    :func:`running.config.parse_experiment` reads back into the same experiment (``to_json``
+    also lists defaults, such as ``lr`` for ``retrain``, which the parser refuses)."""
+    defaults = ExperimentConfig().to_json()
+    return {k: v for k, v in cfg.to_json().items() if k == "method" or defaults.get(k) != v}
 
 
 def timestamp() -> str:
     return datetime.now().strftime("%Y%m%d-%H%M%S")
 
 
-__all__ = ["Runner", "timestamp"]
+__all__ = ["Job", "Runner", "RunnerOptions", "minimal_json", "run_line", "timestamp"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,3 +114,36 @@ class WandbLogger:
         if self.run is not None:
             self.run.log({name: wandb.Table(columns=columns, data=rows)})
         self.finish()
+
+
+def log_images(
+    images: Mapping[str, tuple[Path, str]],
+    mode: str,
+    project: str,
+    directory: Path,
+    name: str,
+) -> int:
+    """Log figures as W&B images, ``{key: (PNG path, caption)}``, to the active run, else to a
+    new run `name`. W&B shows raster images, so these are the PNGs. Nothing when `mode` is
+    ``disabled``; never raises. Returns how many images were logged."""
+    if mode == "disabled" or not images:
+        return 0
+    try:
+        import wandb
+
+        logged = {
+            k: wandb.Image(str(path), caption=caption) for k, (path, caption) in images.items()
+        }
+        if wandb.run is not None:
+            wandb.run.log(logged)
+            return len(logged)
+        logger = WandbLogger(mode, project, directory)
+        logger.start(name, "report", {"run_folder": str(directory)})
+        if logger.run is None:
+            return 0
+        logger.run.log(logged)
+        logger.finish()
+        return len(logged)
+    except Exception as e:  # logging is a convenience: the files on disk are what counts
+        print(f"warning: W&B: figures not logged ({e.__class__.__name__}: {e})", file=sys.stderr)
+        return 0

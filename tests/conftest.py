@@ -26,6 +26,17 @@ torch.set_num_threads(1)
 TINY = TrainConfig(model="lenet", dataset="mnist5k", epochs=1, batch_size=128)
 
 
+def one_error_line(code: int, stdout: str, stderr: str) -> str:
+    """The one ``error: ...`` line a command-line user error prints (exit 2, no traceback)."""
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("error: "), stderr
+    assert code == 2, (code, stderr)
+    assert stdout == ""
+    return lines[0]
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "last: run after every other test (e.g. to collect a background subprocess)"

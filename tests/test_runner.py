@@ -24,9 +24,11 @@ from safetensors.torch import load_file
 
 from cli import main as main_mod
 from running.config import parse_experiment
-from running.runner import Runner
+from running.results import load_outputs, load_reference, reference_path, select_splits
+from running.runner import Runner, RunnerOptions
 from running.wandb_log import WandbLogger
 from training.mask import SaliencyMask
+from training.outputs import accuracy
 
 CHEAP = {"class_to_forget": 3, "method": "ga_small", "epochs": 1, "lr": 0.001}
 
@@ -61,18 +63,17 @@ def make_runner(
     nexp: int = 1,
     wandb: str = "disabled",
 ) -> Runner:
-    return Runner(
-        [parse_experiment(e, "") for e in exps],
+    opts = RunnerOptions(
         source="test",
-        nexp=nexp,
-        base_seed=0,
-        device=torch.device("cpu"),
         out=out,
         ckpt_dir=ckpt_dir,
+        device=torch.device("cpu"),
+        nexp=nexp,
         data_dir=data_dir,
         wandb_mode=wandb,
         quiet=True,
     )
+    return Runner([parse_experiment(e, "") for e in exps], opts)
 
 
 def metrics_of(out: Path, folder: str, seed: int) -> dict[str, Any]:
@@ -87,6 +88,15 @@ def numbers(result: dict[str, Any]) -> dict[str, Any]:
 def started(stderr: str) -> list[str]:
     """The runs a CLI invocation started (its "== <folder> seed <k>: ..." lines)."""
     return [line for line in stderr.splitlines() if line.startswith("== ")]
+
+
+def strict_json(path: Path) -> Any:
+    """A JSON file's content; NaN or Infinity in it fail the test."""
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{path}: {name} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
 
 
 def cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -114,9 +124,13 @@ def test_same_seed_same_numbers_other_seed_other_forget_set(
     }
     a = make_runner([exp], tmp_path / "a", checkpoints_dir, data_dir, nexp=2)
     b = make_runner([exp], tmp_path / "b", checkpoints_dir, data_dir, nexp=1)
+    ref = reference_path(tiny_base)
+    stamps = []
     for r in (a, b):
         r.resolve()
-        assert len(r.run_all()) == r.nexp
+        assert len(r.run_all()) == r.opts.nexp
+        stamps.append(ref.stat().st_mtime_ns)
+    assert stamps[0] == stamps[1]  # the base model's outputs: computed once, then read back
     folder = "00_rl_split+mask_unlr0.02"
     a0, a1 = metrics_of(tmp_path / "a", folder, 0), metrics_of(tmp_path / "a", folder, 1)
     b0 = metrics_of(tmp_path / "b", folder, 0)
@@ -206,8 +220,8 @@ def test_resume_skips_finished_runs_and_redoes_missing_ones(
         code, stdout, stderr = cli(args, capsys)
         assert code == 2 and stdout == "", stderr
         assert stderr.splitlines() == [
-            f"error: {out}: this run folder was made with a different configuration; "
-            "use a new --out to start a fresh run"
+            f"error: {out}: this run folder was made with a different configuration "
+            "(experiments[0].lr was 0.001, now 0.002); use a new --out to start a fresh run"
         ]
 
     exp_file.write_text(json.dumps([exps[0] | {"lr": 0.002}, exps[1]]))
@@ -284,6 +298,40 @@ def test_class_forgetting_end_to_end(
     assert folder in stdout
     config = json.loads((out / "config.json").read_text())
     assert config["nexp"] == 1 and config["experiments"][0]["class_to_forget"] == 7
+
+    # what the run computed is on disk: per-sample outputs reproduce metrics.json
+    d = out / "runs" / folder / "seed0"
+    outs, info = load_outputs(d / "outputs.safetensors")
+    assert set(outs) == {"forget", "retain", "val", "val_forget", "test", "test_forget"}
+    assert info["num_classes"] == 10 and info["dataset"] == "mnist5k"
+    forget_file = json.loads((d / "model_forget.json").read_text())
+    assert outs["forget"].indices.tolist() == forget_file and len(forget_file) == 360
+    assert all(outs[n].labels.eq(7).all() for n in ("forget", "val_forget", "test_forget"))
+    for name in ("forget", "retain", "test", "test_forget", "val"):
+        assert accuracy(outs[name]) == m[f"{name}_acc"], name
+    # the base model's and oracle's outputs: once, over the whole pool and test set
+    for ck, report in ((base_path, base), (Path(r["oracle_checkpoint"]), oracle)):
+        whole, meta = load_reference(reference_path(ck))
+        assert len(whole["pool"]) == len(mnist5k.train_y) and len(whole["test"]) == 1000
+        assert meta["weights_sha256"] == strict_json(ck.with_suffix(".json"))["files"][
+            "weights"]["sha256"]  # fmt: skip
+        chosen = select_splits(whole, {n: o.indices for n, o in outs.items()})
+        assert accuracy(chosen["forget"]) == report["forget_acc"]
+        assert accuracy(chosen["test"]) == report["test_acc"]
+
+    # the unlearned model's sidecar describes it, not its base model; all JSON is strict
+    side = strict_json(d / "model.json")
+    assert side["kind"] == "unlearned" and side["method"] == "rl_split" and side["seed"] == 0
+    assert side["experiment"]["class_to_forget"] == 7 and side["experiment_folder"] == folder
+    assert side["base_checkpoint"] == r["base_checkpoint"]
+    assert side["base_sha256"] == base_meta["files"]["weights"]["sha256"]
+    assert side["metrics"] == {k: m[k] for k in side["metrics"]}
+    assert side["metrics"]["forget_acc"] == m["forget_acc"] != base_meta["metrics"]["forget_acc"]
+    assert side["split"]["sizes"]["forget"] == 360 and side["split"]["sizes"]["test_forget"] == 100
+    assert side["split"]["sizes"] != base_meta["split"]["sizes"]
+    assert not {"history", "train_seconds", "best_epoch", "epochs_run"} & set(side)
+    for p in [*out.rglob("*.json"), *ck.rglob("*.json")]:
+        strict_json(p)
 
 
 # --------------------------------------------------------------------------------- W&B

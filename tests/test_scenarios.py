@@ -32,12 +32,14 @@ from torch import nn
 import methods
 import metrics as M
 from core.errors import UserError
+from core.io import sha256_file
 from datasets import DeviceData, ForgetSpec, RawData, make_forget_spec, make_split
 from running import config
-from running.runner import Runner
-from training.checkpoints import load_checkpoint, read_meta
+from running.runner import Runner, RunnerOptions
+from training.checkpoints import checkpoint_stem, load_checkpoint, read_meta
 from training.config import TrainConfig
-from training.recipe import train_checkpoint
+from training.mask import SaliencyMask
+from training.recipe import base_checkpoint_name, train_checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,18 +55,9 @@ def one_thread() -> Iterator[None]:
 
 def make_runner(objs: list[dict[str, Any]], tmp: Path, ckpt: Path, data_dir: Path) -> Runner:
     exps = [config.parse_experiment(o, f"test: experiment {i}: ") for i, o in enumerate(objs)]
-    return Runner(
-        exps,
-        source="test",
-        nexp=1,
-        base_seed=0,
-        device=torch.device("cpu"),
-        out=tmp / "out",
-        ckpt_dir=ckpt,
-        data_dir=data_dir,
-        wandb_mode="disabled",
-        quiet=True,
-    )
+    opts = RunnerOptions(source="test", out=tmp / "out", ckpt_dir=ckpt, data_dir=data_dir,
+                         quiet=True)  # fmt: skip
+    return Runner(exps, opts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -110,6 +103,32 @@ def test_method_that_moves_a_frozen_layer_fails_the_run(
     assert not (runner.run_dir(job, 0) / "metrics.json").exists()
 
 
+def test_frozen_batchnorm_block_runs_with_a_mask_of_its_base(
+    tmp_path: Path, checkpoints_dir: Path, data_dir: Path
+) -> None:
+    """``frozen: ["block1"]`` (conv + BatchNorm) used to fail every run: the layer's running
+    statistics moved. Now the run passes the runner's bit-equality check, buffers included,
+    and its SalUn mask file records the base weights it was made for, so it loads back for
+    that base only."""
+    obj = {"method": "ft", "checkpoint": TINY_CKPT, "class_to_forget": 1, "epochs": 1,
+           "frozen": ["block1"], "use_mask": True, "mask_thr": 0.95}  # fmt: skip
+    runner = make_runner([obj], tmp_path, checkpoints_dir, data_dir)
+    (job,) = runner.resolve()
+    result = runner.run_one(job, 0)
+    assert result.frozen_changed == []
+    base, _ = load_checkpoint(job.base_path)
+    unlearned, _ = load_checkpoint(runner.run_dir(job, 0) / "model")
+    assert M.changed_parameters(unlearned, base, ["block1"]) == []
+    assert M.changed_parameters(unlearned, base, ["block2"])  # weights and statistics moved
+    mask_file = runner.run_dir(job, 0) / "mask.safetensors"
+    n = sum(p.numel() for p in base.parameters())
+    assert result.mask_kept == int(n * 0.95) / n  # < 1: ties no longer keep every weight
+    base_sha = sha256_file(f"{checkpoint_stem(job.base_path)}.safetensors")
+    SaliencyMask.load(mask_file, base, base_sha256=base_sha)
+    with pytest.raises(UserError, match="mask was made for another base model"):
+        SaliencyMask.load(mask_file, base, base_sha256="f" * 64)
+
+
 @pytest.mark.parametrize(
     "prefix, hint",
     [("fc_2", "did you mean 'fc2'"), ("fc2.", "did you mean 'fc2"), ("block3", "block")],
@@ -144,7 +163,9 @@ def test_train_py_classes_trains_on_exactly_the_subset(
         check=True,
     )  # fmt: skip
     path = Path(json.loads(proc.stdout.strip().splitlines()[-1])["checkpoint"])
-    assert path.name == "lenet_mnist5k-c0-2-5_base_s0.safetensors"
+    subset = TrainConfig(epochs=1, classes=[0, 2, 5])
+    assert path.name == f"{base_checkpoint_name(subset)}.safetensors"
+    assert path.name.startswith("lenet_mnist5k-c0-2-5_base_s0_")
     meta = read_meta(path)
     assert meta["split"]["classes"] == [0, 2, 5] and meta["train"]["classes"] == [0, 2, 5]
     assert meta["num_classes"] == 10  # one output per dataset class; labels keep their ids
@@ -233,7 +254,7 @@ def test_replacement_moves_old_slot_to_new_class(
     runner = make_runner(objs, tmp_path, checkpoints_dir, data_dir)
     jobs = runner.resolve()
     assert jobs[0].folder == "00_freeze_salient_rp2by5"
-    result = runner.run_one(jobs[0], 0)
+    result = runner.run_one(jobs[0], 0).to_json()  # as metrics.json holds it
     rep = result["replacement"]
     base, un, oracle = rep["base"], rep["unlearned"], rep["oracle"]
     # the base model knows old in its slot and has never seen new
@@ -256,7 +277,7 @@ def test_replacement_moves_old_slot_to_new_class(
     assert written["forget"]["replace"] == 5
     # any other method runs in the scenario too: fine-tuning on retain (with the relabelled new
     # class) teaches new in old's slot
-    ft = runner.run_one(jobs[1], 0)["replacement"]["unlearned"]
+    ft = runner.run_one(jobs[1], 0).to_json()["replacement"]["unlearned"]
     assert ft["new_acc"] > 0.5
 
 
@@ -298,11 +319,9 @@ def test_uniform_forget_scores_at_least_90(
     original = methods.copy_model(base)
     ctx = methods.MethodContext.from_sidecar(data, split, 0, original, meta)
     torch.manual_seed(0)
-    model = (
-        methods.METHODS[exp.method]
-        .fn(copy.deepcopy(base).train(), ctx, exp.settings(), None, methods.Monitor())
-        .eval()
-    )
+    model = methods.unlearn(
+        copy.deepcopy(base).train(), ctx, exp.settings(), None, methods.Monitor()
+    ).eval()
 
     def outs(idx: torch.Tensor) -> M.Outputs:
         return M.collect_outputs(model, data.batches(idx, 512))

@@ -22,19 +22,28 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY
+from conftest import REPO_ROOT, TINY, one_error_line
 from safetensors.torch import load_file
 from torch import Tensor
 
+from cli.train import build_parser as build_train_parser
+from cli.train import train_config
 from core.errors import UserError
-from datasets import DeviceData, ForgetSpec, RawData, make_forget_spec, make_split
+from datasets import DeviceData, ForgetSpec, RawData, indices_hash, make_forget_spec, make_split
 from models import build_model
+from running.config import load_experiments
 from training import loop as training
 from training import recipe as train_mod
 from training.checkpoints import load_checkpoint, read_meta
 from training.config import TrainConfig
 from training.loop import eval_accuracy, fit
-from training.recipe import checkpoint_stem, train_checkpoint
+from training.recipe import (
+    RECIPE_HASH_CHARS,
+    base_checkpoint_name,
+    oracle_checkpoint_name,
+    resolved_recipe,
+    train_checkpoint,
+)
 
 CPU = torch.device("cpu")
 CLI_ENV = os.environ | {"OMP_NUM_THREADS": "1"}  # see conftest: tiny models, shared cores
@@ -90,14 +99,9 @@ class Run:
     out: Path
 
     def error_line(self) -> str:
-        assert "Traceback" not in self.stderr, self.stderr
-        lines = self.stderr.splitlines()
-        assert len(lines) == 1, self.stderr
-        assert lines[0].startswith("error: "), self.stderr
-        assert self.code == 2, (self.code, self.stderr)
-        assert self.stdout == ""
+        line = one_error_line(self.code, self.stdout, self.stderr)
         assert not self.out.exists() or not any(self.out.iterdir()), "nothing may be written"
-        return lines[0]
+        return line
 
     def checkpoint(self) -> Path:
         assert self.code == 0, self.stderr
@@ -107,15 +111,15 @@ class Run:
         return path
 
 
-def _stem_path(out: Path, **spec: Any) -> Path:
-    seed = spec.get("seed", 0)
-    return out / checkpoint_stem(
-        dataclasses.replace(TrainConfig(), seed=seed), make_forget_spec(**spec)
-    )
+def _stem_path(out: Path, raw: RawData, **spec: Any) -> Path:
+    """Where `train.py --epochs 1` with this forget set writes its oracle."""
+    forget = make_forget_spec(**spec)
+    base = base_checkpoint_name(TrainConfig(epochs=1, seed=spec.get("seed", 0)))
+    return out / oracle_checkpoint_name(base, forget, make_split(raw, forget).forget)
 
 
-def _weights_path(out: Path, **spec: Any) -> Path:
-    stem = _stem_path(out, **spec)
+def _weights_path(out: Path, raw: RawData, **spec: Any) -> Path:
+    stem = _stem_path(out, raw, **spec)
     return stem.with_name(stem.name + ".safetensors")
 
 
@@ -136,8 +140,8 @@ def _cli_cases(root: Path, data_dir: Path, raw: RawData) -> dict[str, list[str]]
     for name, text in bad_files.items():
         (files / f"{name}.json").write_text(text)
     out = root / "out"
-    cf7 = _stem_path(out / "e2e-cf7", cf=7)
-    unlr = _stem_path(out / "e2e-unlr", unlr=0.1, seed=3)
+    cf7 = _stem_path(out / "e2e-cf7", raw, cf=7)
+    unlr = _stem_path(out / "e2e-unlr", raw, unlr=0.1, seed=3)
     cases = {
         "cf12": ["--cf", "12"],
         "cf-list": ["--cf", "3,10"],
@@ -283,7 +287,8 @@ def _same_weights(a: Path, b: Path) -> bool:
 def test_cli_class_oracle(cli: dict[str, Run], mnist5k: RawData) -> None:
     run = cli["e2e-cf7"]
     path = run.checkpoint()
-    assert path == _weights_path(run.out, cf=7)
+    assert path == _weights_path(run.out, mnist5k, cf=7)
+    assert path.name.startswith("lenet_mnist5k_base_s0_") and "__RF_" in path.name
     forget = json.loads(_forget_file(path).read_text())
     sevens = {i for i, y in enumerate(mnist5k.train_y.tolist()) if y == 7}
     assert forget == sorted(sevens & _pool_outside_val(mnist5k))
@@ -320,7 +325,7 @@ def test_cli_class_oracle(cli: dict[str, Run], mnist5k: RawData) -> None:
 def test_cli_random_oracle(cli: dict[str, Run], mnist5k: RawData) -> None:
     run = cli["e2e-unlr"]
     path = run.checkpoint()
-    assert path == _weights_path(run.out, unlr=0.1, seed=3)
+    assert path == _weights_path(run.out, mnist5k, unlr=0.1, seed=3)
     forget = json.loads(_forget_file(path).read_text())
     assert len(forget) == round(0.1 * 4000) == 400
     assert set(forget) <= _pool_outside_val(mnist5k)
@@ -432,9 +437,11 @@ def test_digits_default_model_checkpoint(digits: RawData, tmp_path: Path) -> Non
     cfg = TrainConfig(dataset="digits", epochs=2, batch_size=64)
     spec = make_forget_spec(cf=[0, 1])
     path = train_checkpoint(cfg, spec, tmp_path, device=CPU, raw=digits, quiet=True)
-    assert path.name == "smallcnn_digits_RF_cf0-1_s0.safetensors"
-    model, meta = load_checkpoint(path)
     split = make_split(digits, spec)
+    base = base_checkpoint_name(cfg)
+    assert base.startswith("smallcnn_digits_base_s0_")
+    assert path.name == f"{oracle_checkpoint_name(base, spec, split.forget)}.safetensors"
+    model, meta = load_checkpoint(path)
     assert meta["model"] == "smallcnn" and meta["split"]["sizes"] == split.summary()
     assert json.loads(_forget_file(path).read_text()) == split.forget.tolist()
     assert (
@@ -459,3 +466,100 @@ def test_train_config_check(change: dict[str, Any], key: str) -> None:
     TrainConfig().check()
     with pytest.raises(UserError, match=rf"^{key} = .* is invalid"):
         dataclasses.replace(TrainConfig(), **change).check()
+
+
+# ------------------------------------------------------------------------------ cache names
+
+
+def test_one_recipe_one_cache_name(tmp_path: Path) -> None:
+    """`{}`, the quickstart's explicit recipe and `train.py` without flags: one base model."""
+    quick = json.loads((REPO_ROOT / "exp" / "quickstart.json").read_text())
+    exp_file = tmp_path / "e.json"
+    exp_file.write_text(json.dumps([quick[0] | {"checkpoint": {}}, quick[0]]))
+    empty, explicit = (e.checkpoint for e in load_experiments(exp_file))
+    assert isinstance(empty, TrainConfig) and isinstance(explicit, TrainConfig)
+    assert empty.model is None and explicit.model == "lenet"  # written differently
+    flags = train_config(build_train_parser().parse_args([]))
+    name = base_checkpoint_name(flags)
+    assert base_checkpoint_name(empty) == base_checkpoint_name(explicit) == name
+    prefix, digest = name.rsplit("_", 1)
+    assert prefix == "lenet_mnist5k_base_s0" and len(digest) == RECIPE_HASH_CHARS
+    int(digest, 16)
+
+
+def test_spelled_out_defaults_share_the_cache_name() -> None:
+    same = [
+        (TrainConfig(), TrainConfig(model="lenet")),
+        (TrainConfig(lr=1), TrainConfig(lr=1.0)),
+        (TrainConfig(classes=[5, 0, 2]), TrainConfig(classes=[0, 2, 5])),
+        (TrainConfig(dataset="emnist"), TrainConfig(dataset="emnist", dataset_args={"split": "balanced"})),
+        (TrainConfig(dataset="stl10"), TrainConfig(dataset="stl10", dataset_args={"unlabeled": False})),
+    ]  # fmt: skip
+    for a, b in same:
+        assert base_checkpoint_name(a) == base_checkpoint_name(b), (a, b)
+    assert resolved_recipe(TrainConfig(dataset="emnist"))["dataset_args"] == {"split": "balanced"}
+    assert base_checkpoint_name(TrainConfig(dataset="emnist")).startswith(
+        "lenet_emnist-balanced_base_s0_"
+    )
+    assert base_checkpoint_name(TrainConfig(classes=[2, 0, 5])).startswith(
+        "lenet_mnist5k-c0-2-5_base_s0_"
+    )
+
+
+# one changed value per recipe field; a field missing here fails the test below
+CHANGED: dict[str, Any] = {
+    "model": "smallcnn",
+    "dataset": "digits",
+    "dataset_args": {"split": "letters"},
+    "epochs": 21,
+    "lr": 0.051,
+    "batch_size": 64,
+    "momentum": 0.8,
+    "weight_decay": 1e-4,
+    "schedule": "cosine",
+    "patience": 3,
+    "augment": False,
+    "seed": 1,
+    "split_seed": 1,
+    "val_fraction": 0.2,
+    "classes": [0, 1],
+}
+
+
+def test_every_recipe_field_changes_the_cache_name() -> None:
+    assert set(CHANGED) == {f.name for f in dataclasses.fields(TrainConfig)}
+    names = {"default": base_checkpoint_name(TrainConfig())}
+    for key, value in CHANGED.items():
+        # dataset arguments need a dataset that takes one: compare against emnist's default
+        start = TrainConfig(dataset="emnist") if key == "dataset_args" else TrainConfig()
+        names[key] = base_checkpoint_name(dataclasses.replace(start, **{key: value}))
+    names["emnist"] = base_checkpoint_name(TrainConfig(dataset="emnist"))
+    assert len(set(names.values())) == len(names), names
+
+
+def test_unknown_dataset_argument_is_a_one_line_error() -> None:
+    with pytest.raises(
+        UserError,
+        match="'splt' = 'letters' is not an argument of dataset 'emnist'.*did you mean 'split'",
+    ):
+        base_checkpoint_name(TrainConfig(dataset="emnist", dataset_args={"splt": "letters"}))
+    with pytest.raises(UserError, match="dataset 'mnist5k'; it takes none"):
+        base_checkpoint_name(TrainConfig(dataset_args={"split": "letters"}))
+
+
+def test_train_py_writes_the_runner_cache_name(mnist5k: RawData, tmp_path: Path) -> None:
+    """train.py's base and oracle land under the names main.py looks for (one cache)."""
+    cfg = dataclasses.replace(TINY, model=None, epochs=1)
+    base = train_checkpoint(cfg, ForgetSpec(), tmp_path, device=CPU, raw=mnist5k, quiet=True)
+    assert base.name == f"{base_checkpoint_name(TrainConfig(epochs=1))}.safetensors"
+    spec = make_forget_spec(cf=3)
+    oracle = train_checkpoint(cfg, spec, tmp_path, device=CPU, raw=mnist5k, quiet=True)
+    forget = make_split(mnist5k, spec).forget
+    assert (
+        oracle.name
+        == f"{base.name.removesuffix('.safetensors')}__RF_{indices_hash(forget)[:16]}.safetensors"
+    )
+    with_comment = train_checkpoint(
+        cfg, ForgetSpec(), tmp_path, device=CPU, raw=mnist5k, quiet=True, comment="x"
+    )
+    assert with_comment.name == base.name.replace(".safetensors", "_x.safetensors")

@@ -51,6 +51,13 @@ def _no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket.socket, "connect", refuse)
 
 
+@pytest.fixture(autouse=True)
+def _no_system_datasets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # these tests are about --data-dir; the system folders (e.g. an installed Debian
+    # dataset-fashion-mnist) are covered by tests/test_fashion_offline.py
+    monkeypatch.setattr(tv_datasets, "FASHIONMNIST_SYSTEM_DIRS", ())
+
+
 # ---------------------------------------------------------------------------- fake data helpers
 
 

@@ -9,12 +9,15 @@ from __future__ import annotations
 import functools
 import json
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.torch
+import torch
 
 from analysis import plots as P
 from analysis import tsne as T
@@ -22,6 +25,8 @@ from analysis import wasserstein as W
 from analysis.features import extract_features, load_features, load_index
 from analysis.report import log_figures, write_report
 from cli import main as main_mod
+from core.io import dumps
+from training import checkpoints
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -251,21 +256,58 @@ def test_tsne_and_wasserstein_over_feature_folder(features: Path, tmp_path: Path
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation plots recompute the runner's numbers
+# Evaluation plots read the runner's saved outputs
 
 
-def test_plots_rebuild_the_runners_split_and_outputs(tiny_run: Path, data_dir: Path) -> None:
+def test_plots_read_the_runners_outputs(tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (r,) = P.load_results(tiny_run)
-    ev = P.Evaluator(tiny_run, "cpu", data_dir)
-    outs, data = ev.outputs(r)
+    ev = P.Evaluator(tiny_run)
+    outs, info = ev.outputs(r)
     assert set(outs) == {"base", "unlearned", "oracle"}
+    assert info["num_classes"] == 10 and info["classes"] == [str(i) for i in range(10)]
+    # the attack settings tiny_run ran with
+    monkeypatch.setattr(P.M, "salun_mia", functools.partial(P.M.salun_mia, max_per_side=200))
     for role, key in (("unlearned", "metrics"), ("base", "base"), ("oracle", "oracle")):
         o = outs[role]
-        assert len(o["forget"]) == r["forget"]["n"]
-        mia = P.M.loss_mia(o["forget"], o["test"], r["seed"])["loss_mia_acc"]
-        assert mia == pytest.approx(r[key]["loss_mia_acc"], abs=1e-9), role
-        full = P.M.concat_outputs(o["test"], o["test_forget"])
-        assert P.M.per_class_accuracy(full, 10) == pytest.approx(r[key]["per_class_test_acc"])
+        saved = getattr(r, key)
+        assert len(o["forget"]) == r.forget["n"]
+        mia = P.M.loss_mia(o["forget"], o["test"], r.seed)["loss_mia_acc"]
+        assert mia == pytest.approx(saved["loss_mia_acc"], abs=1e-9), role
+        full = P.M.concat_outputs(o["test"], o.get("test_forget"))
+        assert P.M.per_class_accuracy(full, 10) == pytest.approx(saved["per_class_test_acc"])
+        # every number of the run's report, from the saved outputs alone
+        report = json.loads(dumps(P.M.model_report(o, r.seed, 10)))
+        assert report == {k: v for k, v in saved.items() if k != "l2_to_base"}, role
+
+
+def test_report_never_loads_a_model(
+    tiny_run: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("plots", "features", "report.*"))
+    (run / "runs/00_ft_cf3/seed0/model.safetensors").unlink()  # the unlearned weights are gone
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the report loaded model weights")
+
+    monkeypatch.setattr(checkpoints, "load_checkpoint", forbidden)
+    monkeypatch.setattr(checkpoints, "load_model", forbidden)
+    monkeypatch.setattr(safetensors.torch, "load_model", forbidden)
+    monkeypatch.setattr(torch.nn.Module, "load_state_dict", forbidden)
+    write_report(run, "cpu", features=False, quiet=True)
+    assert "warning" not in capsys.readouterr().err  # base and oracle outputs were found
+    d = "plots/00_ft_cf3/seed0"
+    assert {p.relative_to(run).as_posix() for p in (run / "plots").rglob("*.png")} == {
+        "plots/summary_table.png",
+        "plots/gap_vs_time.png",
+        f"{d}/loss_hist.png",
+        f"{d}/confusion.png",
+        f"{d}/per_class_acc.png",
+    }
+    check_report(run, 4)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,21 +8,19 @@ honour the same constraint: only weights where :func:`allowed_mask` is True may 
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
-from training.mask import SaliencyMask
+from methods import Settings
+from training.mask import SaliencyMask, constraint
 
 
-def allowed_mask(model: nn.Module, cfg: Any, mask: SaliencyMask | None) -> SaliencyMask | None:
+def allowed_mask(model: nn.Module, cfg: Settings, mask: SaliencyMask | None) -> SaliencyMask | None:
     """The saliency mask combined with ``cfg.frozen``, on the model's device; None = no limit.
 
-    The same combination :class:`methods.Trainer` hands to its :class:`mask.MaskGuard`.
+    The same combination (:func:`training.mask.constraint`) :class:`methods.Trainer` guards.
     """
-    frozen = SaliencyMask.frozen(model, cfg.frozen) if cfg.frozen else None
-    full = mask.combine(frozen) if mask is not None else frozen
+    full = constraint(model, mask, cfg.frozen)
     if full is None:
         return None
     params = dict(model.named_parameters())

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 from core.errors import UserError
 from methods import MethodContext, Monitor, Settings, Trainer, copy_model, register, run_epochs
-from models import build_model
 from training.mask import SaliencyMask
 
 
@@ -41,15 +40,14 @@ def incompetent_teacher(ctx: MethodContext) -> nn.Module:
     """A randomly initialised model of the base architecture, seeded with the run's seed."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(ctx.seed)
-        raw = ctx.data.raw
-        model = build_model(ctx.base_model, raw.num_classes, raw.in_chans)
-    return copy_model(model.to(ctx.device))
+        model = ctx.new_model()
+    return copy_model(model)
 
 
 @register("bad_teacher", args=BadTeacherArgs)
 def bad_teacher(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
-):
+) -> nn.Module:
     """Competent teacher on retain, random teacher on forget (Chundawat et al., AAAI 2023)."""
     a = cfg.args
     good, bad = ctx.original, incompetent_teacher(ctx)

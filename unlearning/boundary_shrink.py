@@ -50,7 +50,7 @@ def nearest_wrong_label(net: nn.Module, x: Tensor, y: Tensor, eps: float, steps:
 @register("boundary_shrink", args=BoundaryShrinkArgs)
 def boundary_shrink(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
-):
+) -> nn.Module:
     """Fine-tune forget on nearest-wrong-class labels from an attack (Chen et al., CVPR 2023)."""
     a = cfg.args
     original = ctx.original

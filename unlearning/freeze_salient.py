@@ -23,7 +23,7 @@ where there is no ``new`` and only the penalty and the retain term remain).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -57,14 +57,14 @@ class FreezeSalientArgs:
 
 
 def involvement_mask(
-    model: nn.Module, ctx: MethodContext, keep: float, score: str, frozen: list[str], bs: int
+    model: nn.Module, ctx: MethodContext, keep: float, score: str, frozen: Sequence[str], bs: int
 ) -> SaliencyMask:
     """Keep the `keep` fraction of weights most involved in the forget set's predictions."""
     was_training = model.training
     model.eval()
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     grads = {n: torch.zeros_like(p) for n, p in params.items()}
-    for x, y, _ in tqdm(ctx.data.batches(ctx.split.forget, bs), desc="involvement",
+    for x, y, _ in tqdm(ctx.in_order(ctx.split.forget, bs), desc="involvement",
                         disable=None, leave=False):  # fmt: skip
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y, reduction="sum").backward()
@@ -97,7 +97,7 @@ def penalty_old(logits: Tensor, y: Tensor) -> Tensor:
 @register("freeze_salient", args=FreezeSalientArgs)
 def freeze_salient(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
-):
+) -> nn.Module:
     """Train only the weights most involved in the old class: favour new, penalise old."""
     a: FreezeSalientArgs = cfg.args
     split = ctx.split
@@ -108,15 +108,13 @@ def freeze_salient(
     new = split.new
     untouched = split.retain[~torch.isin(split.retain, new)] if len(new) else split.retain
 
-    def endless(idx: Tensor) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        while True:
-            yield from ctx.batches(idx, cfg.batch_size)
-
-    old_batches = endless(split.forget)
-    retain_batches = endless(untouched) if len(untouched) and a.retain_weight else None
+    old_batches = ctx.cycle(split.forget, cfg.batch_size)
+    retain_batches = (
+        ctx.cycle(untouched, cfg.batch_size) if len(untouched) and a.retain_weight else None
+    )
     lead = new if len(new) else split.forget
 
-    def epoch(tr: Trainer, _: int) -> dict[str, float]:
+    def epoch(tr: Trainer, _epoch: int) -> dict[str, float]:
         stats = {"new_loss": 0.0, "old_penalty": 0.0, "retain_loss": 0.0}
         n = 0
         for x, y, _ in ctx.batches(lead, cfg.batch_size):

@@ -6,7 +6,7 @@ The kit's contract is one function::
 
 that changes ``net`` in place (or returns it) using ``torch.utils.data.DataLoader`` objects
 yielding ``(images, labels)`` batches. :func:`register_challenge_method` wraps such a function
-into this project's method signature ``fn(model, ctx, cfg, mask) -> model`` and registers it in
+into this project's method signature ``fn(model, ctx, cfg, mask, monitor) -> model`` and registers it in
 ``methods.METHODS``, so the runner, the experiment files and the tests use it unchanged::
 
     from unlearning.kit import register_challenge_method
@@ -29,34 +29,33 @@ Put the module in ``unlearning/`` (every module there is imported automatically)
   No augmentation unless ``augment=True`` (the kit's hidden-data loaders had none);
 * ``args``: an optional frozen dataclass (``method_args`` in experiment files); its fields
   are passed to the function as keyword arguments, e.g. ``epochs`` or ``lr``. The kit
-  function owns its optimiser and schedule, so the experiment's ``lr``, ``epochs`` and
-  ``optimizer`` do not apply to it;
+  function owns its optimiser and schedule, so every kit method declares that it ignores the
+  experiment's ``lr``, ``epochs`` and ``optimizer`` (an experiment that sets them fails);
 * the SalUn mask and the ``frozen`` prefixes: gradient hooks zero the gradients of weights
   that may not change while the function runs, and afterwards those weights are copied back
   from the model before unlearning, so they end bit-identical even when the function's
-  weight decay or momentum moved them.
+  weight decay or momentum moved them. Frozen normalisation layers keep their running
+  statistics (``methods.unlearn`` runs them in eval mode even when the function calls
+  ``net.train()``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler
 
-from datasets import random_crop, random_flip
-from methods import Monitor, NoArgs, Settings, register
+from methods import MethodContext, Monitor, NoArgs, Settings, register
+from training.mask import SaliencyMask
 from unlearning._constraints import allowed_mask, restore_disallowed
 
-if TYPE_CHECKING:
-    from datasets import DeviceData
-    from methods import MethodContext
-    from training.mask import SaliencyMask
-
 KitFunction = Callable[..., Any]
+# a kit function sees only loaders and its own args: the shared optimiser settings never reach it
+KIT_IGNORES = ("lr", "epochs", "optimizer")
 
 
 class PoolBatches(Dataset):
@@ -67,10 +66,10 @@ class PoolBatches(Dataset):
     """
 
     def __init__(
-        self, data: DeviceData, idx: Tensor, augment: bool, generator: torch.Generator
+        self, ctx: MethodContext, idx: Tensor, augment: bool, generator: torch.Generator
     ) -> None:
-        self.data = data
-        self.idx = idx.to(data.device)
+        self.ctx = ctx
+        self.idx = idx.to(ctx.device)
         self.augment = augment
         self.generator = generator
 
@@ -78,29 +77,21 @@ class PoolBatches(Dataset):
         return len(self.idx)
 
     def __getitem__(self, positions: list[int]) -> tuple[Tensor, Tensor]:
-
-        bi = self.idx[torch.as_tensor(positions, device=self.data.device)]
-        x = self.data.x["train"][bi]
-        if self.augment:
-            info = self.data.raw.info
-            if info.crop_pad:
-                x = random_crop(x, info.crop_pad, self.generator)
-            if info.flip:
-                x = random_flip(x, self.generator)
-        return self.data.normalise(x), self.data.y["train"][bi]
+        bi = self.idx[torch.as_tensor(positions, device=self.ctx.device)]
+        return self.ctx.samples(bi, self.augment, self.generator)
 
 
 def make_loader(
-    data: DeviceData, idx: Tensor, batch_size: int, seed: int, augment: bool = False
+    ctx: MethodContext, idx: Tensor, batch_size: int, seed: int, augment: bool = False
 ) -> DataLoader:
     """A shuffled DataLoader of ``(images, labels)`` batches over pool indices ``idx``."""
     g = torch.Generator().manual_seed(seed)
-    ds = PoolBatches(data, idx, augment, g)
+    ds = PoolBatches(ctx, idx, augment, g)
     sampler = BatchSampler(RandomSampler(ds, generator=g), batch_size, drop_last=False)
     return DataLoader(ds, sampler=sampler, batch_size=None, collate_fn=_as_is)
 
 
-def _as_is(batch: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+def _as_is(batch: Any) -> Any:
     """Keep the ``(images, labels)`` tuple (the default conversion would make it a list)."""
     return batch
 
@@ -112,7 +103,7 @@ def challenge_loaders(
     seeds = torch.randint(0, 2**62, (3,), generator=ctx.generator).tolist()
     s = ctx.split
     return tuple(  # type: ignore[return-value]
-        make_loader(ctx.data, idx, batch_size, seed, augment)
+        make_loader(ctx, idx, batch_size, seed, augment)
         for idx, seed in zip((s.retain, s.forget, s.val), seeds, strict=True)
     )
 
@@ -131,8 +122,9 @@ def register_challenge_method(
     ``method_args``) are passed as keyword arguments; a ``check(self, where)`` method on it
     validates them like any method's. ``supports_mask=False`` makes experiments with
     ``use_mask`` fail validation. ``augment`` turns on the dataset's training augmentation in
-    the retain and forget loaders. The first line of ``fn``'s docstring becomes the method's
-    description. Returns ``fn`` unchanged, so it can also be used as a decorator through
+    the retain and forget loaders. The method is registered as ignoring the experiment's
+    ``lr``, ``epochs`` and ``optimizer`` (``KIT_IGNORES``): the function never sees them. The
+    first line of ``fn``'s docstring becomes the method's description. Returns ``fn`` unchanged, so it can also be used as a decorator through
     :func:`challenge_method`.
     """
 
@@ -142,8 +134,7 @@ def register_challenge_method(
         cfg: Settings,
         mask: SaliencyMask | None,
         monitor: Monitor,
-    ):
-
+    ) -> nn.Module:
         limit = allowed_mask(model, cfg, mask)
         before: dict[str, Tensor] = {}
         hooks = []
@@ -166,7 +157,7 @@ def register_challenge_method(
 
     method.__doc__ = fn.__doc__ or f"NeurIPS 2023 kit method {fn.__name__}"
     method.__name__ = f"challenge_{name}"
-    register(name, args=args or NoArgs, supports_mask=supports_mask)(method)
+    register(name, args=args or NoArgs, supports_mask=supports_mask, ignores=KIT_IGNORES)(method)
     return fn
 
 
@@ -184,6 +175,7 @@ def challenge_method(
 
 
 __all__ = [
+    "KIT_IGNORES",
     "challenge_loaders",
     "challenge_method",
     "make_loader",

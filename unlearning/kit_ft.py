@@ -1,11 +1,12 @@
-"""``kit_ft``: the NeurIPS 2023 unlearning challenge kit's example, run through challenge.py.
+"""``kit_ft``: the NeurIPS 2023 unlearning challenge kit's example, run through the kit adapter.
 
 The starter kit's baseline (Triantafillou et al., NeurIPS 2023 Machine Unlearning Challenge):
 fine-tune on the retain set with cross-entropy, SGD (momentum 0.9, weight decay 5e-4) and a
 cosine schedule, written in the kit's style (``unlearning(net, retain_loader, forget_loader,
 val_loader)``, its own optimiser and loop) and registered with
-:func:`challenge.register_challenge_method`, so it exercises the adapter. The experiment's
-lr and epochs do not apply; ``method_args`` ``epochs`` and ``lr`` do (kit defaults: 5, 0.001).
+:func:`unlearning.kit.register_challenge_method`, so it exercises the adapter. The experiment's
+lr, epochs and optimizer do not apply (declared: setting them is an error); ``method_args``
+``epochs`` and ``lr`` do (kit defaults: 5, 0.001).
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ def l1_norm(model: nn.Module) -> Tensor:
 @register("l1_sparse", args=L1SparseArgs)
 def l1_sparse(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
-):
+) -> nn.Module:
     """Fine-tune on retain with a linearly decaying L1 penalty (Jia et al., NeurIPS 2023)."""
     alpha = cfg.args.alpha
 

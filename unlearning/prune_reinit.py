@@ -57,7 +57,7 @@ class PruneReinitArgs:
             raise UserError(f"{where}budget_epochs = {self.budget_epochs!r}; use a number >= 0")
 
 
-def prunable(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def prunable(model: nn.Module) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
@@ -105,7 +105,7 @@ def entropy(logits: Tensor) -> Tensor:
 @register("prune_reinit", args=PruneReinitArgs)
 def prune_reinit(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
-):
+) -> nn.Module:
     """Prune 99.5%, re-initialise, fine-tune with entropy matching (NeurIPS 2023 starter kit)."""
     a = cfg.args
     original = ctx.original
@@ -115,7 +115,7 @@ def prune_reinit(
     counts = torch.bincount(retain_y, minlength=ctx.num_classes).float().clamp_min(1)
     class_weights = counts**a.class_weight_power
 
-    steps_per_epoch = ctx.data.num_batches(len(ctx.split.retain), cfg.batch_size)
+    steps_per_epoch = ctx.num_batches(len(ctx.split.retain), cfg.batch_size)
     budget_epochs = a.budget_epochs or cfg.epochs
     budget = int(steps_per_epoch * budget_epochs)
 

@@ -59,7 +59,7 @@ def distill_kl(student: Tensor, teacher: Tensor, T: float) -> Tensor:
 @register("scrub", args=SCRUBArgs)
 def scrub(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
-):
+) -> nn.Module:
     """Teacher-student max steps on forget, min steps on retain (Kurmanji et al., NeurIPS 2023)."""
     a = cfg.args
     teacher = ctx.original

@@ -8,8 +8,9 @@ training data (forget + retain). Weights far more important to the forget set,
 ``imp_f > alpha * imp_d``, are multiplied by ``beta = min(lam * imp_d / imp_f, 1)``; every other
 weight stays bit-identical. Batch norm affine parameters are dampened too, as in their code.
 
-No gradient step is taken, so the experiment's lr, epochs and optimiser are ignored. A saliency
-mask and the ``frozen`` prefixes restrict which weights may be dampened.
+No gradient step is taken, so the method declares that it ignores the experiment's lr, epochs
+and optimiser (setting them is an error). A saliency mask and the ``frozen`` prefixes restrict
+which weights may be dampened.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def fisher_diagonal(
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     imp = {n: torch.zeros_like(p) for n, p in params.items()}
     n_batches = 0
-    for x, y, _ in ctx.data.batches(idx, batch_size):
+    for x, y, _ in ctx.in_order(idx, batch_size):
         grads = torch.autograd.grad(
             F.cross_entropy(model(x), y), list(params.values()), allow_unused=True
         )
@@ -59,10 +60,10 @@ def fisher_diagonal(
     return {n: v / max(n_batches, 1) for n, v in imp.items()}
 
 
-@register("ssd", args=SSDArgs)
+@register("ssd", args=SSDArgs, ignores=("lr", "epochs", "optimizer"))
 def ssd(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
-):
+) -> nn.Module:
     """Selective Synaptic Dampening, no gradient steps (Foster et al., AAAI 2024)."""
     a = cfg.args
     was_training = model.training

@@ -29,7 +29,6 @@ zero, i.e. away from theta_0). The SalUn mask and ``frozen`` apply as for every 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -82,8 +81,7 @@ def project_l2(params: list[tuple[nn.Parameter, Tensor]], radius: float, tr: Tra
         scale = radius / dist
         for p, p0 in params:
             p.copy_(torch.lerp(p0, p, scale))
-        if tr.guard is not None:
-            tr.guard.after_step()  # masked and frozen weights stay bit-identical
+        tr.restore_masked()  # masked and frozen weights stay bit-identical
         dist = radius
     return dist
 
@@ -91,7 +89,7 @@ def project_l2(params: list[tuple[nn.Parameter, Tensor]], radius: float, tr: Tra
 @register("uniform_forget", args=UniformForgetArgs)
 def uniform_forget(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
-):
+) -> nn.Module:
     """KL to a near-uniform target on forget, CE on retain, projected onto an L2 ball."""
     a: UniformForgetArgs = cfg.args
     nc = ctx.num_classes
@@ -101,13 +99,9 @@ def uniform_forget(
     params = [(p, original[n].detach()) for n, p in model.named_parameters() if p.requires_grad]
     fbs = a.forget_batch_size or cfg.batch_size
 
-    def endless(idx: Tensor, bs: int) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
-        while True:
-            yield from ctx.batches(idx, bs, augment=a.augment)
+    forget = ctx.cycle(ctx.split.forget, fbs, augment=a.augment)
 
-    forget = endless(ctx.split.forget, fbs)
-
-    def epoch(tr: Trainer, _: int) -> dict[str, float]:
+    def epoch(tr: Trainer, _epoch: int) -> dict[str, float]:
         if a.bn_eval:
             model.eval()
         fl = rl = 0.0
