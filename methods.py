@@ -51,6 +51,12 @@ class NoArgs:
 
 # the shared settings a method may declare it does not use (fields of Settings)
 IGNORABLE = ("lr", "epochs", "batch_size", "optimizer")
+# the shared settings a method may declare a search range for (running/tune.py); a method's own
+# settings declare theirs next to their dataclass fields: field(..., metadata={"search": r})
+SEARCHABLE = ("lr", "epochs")
+# a range r: ("log", lo, hi) log-uniform float, ("float", lo, hi), ("int", lo, hi), or
+# ("choice", a, b, ...); see running/tune.py
+SEARCH_KINDS = ("log", "float", "int", "choice")
 
 
 @dataclass(frozen=True)
@@ -61,25 +67,36 @@ class MethodSpec:
     supports_mask: bool
     doc: str
     ignores: tuple[str, ...] = ()  # shared settings (IGNORABLE) the method never reads
+    # tuning ranges of the shared settings (SEARCHABLE): {"lr": ("log", 1e-4, 1e-2), ...}
+    search: dict[str, tuple[Any, ...]] = field(default_factory=dict)
 
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register(
-    name: str, args: type = NoArgs, supports_mask: bool = True, ignores: Sequence[str] = ()
+    name: str,
+    args: type = NoArgs,
+    supports_mask: bool = True,
+    ignores: Sequence[str] = (),
+    search: dict[str, tuple[Any, ...]] | None = None,
 ) -> Callable[[Method], Method]:
     """Register ``fn`` as method ``name``; ``ignores`` names the shared settings it never reads
-    (its budget comes from its own ``args`` or from elsewhere), so setting them is an error."""
+    (its budget comes from its own ``args`` or from elsewhere), so setting them is an error;
+    ``search`` gives the tuning ranges of the shared settings it reads (running/tune.py)."""
     unknown = [k for k in ignores if k not in IGNORABLE]
     if unknown:
         raise ValueError(f"method '{name}': ignores {unknown}; only {IGNORABLE} can be ignored")
+    search = dict(search or {})
+    bad = [k for k in search if k not in SEARCHABLE or k in ignores]
+    if bad:
+        raise ValueError(f"method '{name}': search range for {bad}; only for {SEARCHABLE} it reads")
 
     def wrap(fn: Method) -> Method:
         if name in METHODS:
             raise ValueError(f"method '{name}' is registered twice")
         doc = (fn.__doc__ or "").strip().split("\n")[0]
-        METHODS[name] = MethodSpec(name, fn, args, supports_mask, doc, tuple(ignores))
+        METHODS[name] = MethodSpec(name, fn, args, supports_mask, doc, tuple(ignores), search)
         return fn
 
     return wrap
@@ -354,7 +371,7 @@ def ce(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
 # Core methods
 
 
-@register("ft")
+@register("ft", search={"lr": ("log", 1e-3, 0.2), "epochs": ("int", 1, 10)})
 def finetune(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
 ) -> nn.Module:
@@ -371,14 +388,15 @@ def finetune(
 
 @dataclass(frozen=True)
 class GAArgs:
-    ascent_weight: float = 1.0  # scales the ascent step on forget against the descent on retain
+    # scales the ascent step on forget against the descent on retain
+    ascent_weight: float = field(default=1.0, metadata={"search": ("log", 0.1, 10.0)})
 
     def check(self, where: str) -> None:
         if not self.ascent_weight > 0:
             raise UserError(f"{where}ascent_weight = {self.ascent_weight!r}; use a number > 0")
 
 
-@register("ga", args=GAArgs)
+@register("ga", args=GAArgs, search={"lr": ("log", 1e-5, 1e-2), "epochs": ("int", 1, 10)})
 def gradient_ascent(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
 ) -> nn.Module:
@@ -404,7 +422,7 @@ def gradient_ascent(
     return run_epochs(model, ctx, cfg, mask, monitor, epoch)
 
 
-@register("ga_small", args=GAArgs)
+@register("ga_small", args=GAArgs, search={"lr": ("log", 1e-5, 1e-2), "epochs": ("int", 1, 10)})
 def gradient_ascent_small(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
 ) -> nn.Module:
@@ -420,7 +438,7 @@ def gradient_ascent_small(
     return run_epochs(model, ctx, cfg, mask, monitor, epoch)
 
 
-@register("rl")
+@register("rl", search={"lr": ("log", 1e-3, 0.1), "epochs": ("int", 1, 10)})
 def random_label(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
 ) -> nn.Module:
@@ -437,7 +455,7 @@ def random_label(
     return run_epochs(model, ctx, cfg, mask, monitor, epoch)
 
 
-@register("rl_split")
+@register("rl_split", search={"lr": ("log", 1e-3, 0.1), "epochs": ("int", 1, 10)})
 def random_label_split(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
 ) -> nn.Module:
@@ -501,6 +519,8 @@ def copy_model(model: nn.Module) -> nn.Module:
 
 __all__ = [
     "IGNORABLE",
+    "SEARCHABLE",
+    "SEARCH_KINDS",
     "METHODS",
     "MethodSpec",
     "Monitor",

@@ -19,6 +19,12 @@ Sources
   Phi, L2 distance to the base weights, KL(p || uniform) on the forgotten class, the 0-100
   score with its hard fails, and the frozen-last-layer (``fc2``) rule.
 
+The attacks themselves live in evaluation/mia.py (one implementation): the report's
+MIA-Efficacy is the mean over R = 10 seeded shadow draws, with its interval and flags, and in
+class-wise forgetting the forgotten class's test samples join the shadow non-members. SalUn's
+run-time efficiency becomes three ratios (:func:`time_efficiency`): backward sample passes,
+optimiser steps, and wall time only where the oracle's machine and thread count are the run's.
+
 All accuracies and attack rates are fractions in [0, 1]; gaps to the oracle are in percentage
 points. Undefined values (empty or too small sets, non-finite model outputs) are ``NaN``.
 """
@@ -178,6 +184,9 @@ def salun_mia(
     main = stable_salun_mia(retain, test, forget, seed, draws, (MIA_DEFAULT_FEATURE,),
                             max_per_side, n_jobs, test_forget=tf)  # fmt: skip
     result = stable_salun_flat(main)
+    # 1 when the attack itself failed (degenerate draws) or its draws disagree (unstable)
+    flags = set(result.get("mia_efficacy_flags", []))
+    result["mia_efficacy_flagged"] = float(bool(flags & {"degenerate", "unstable"}))
     others = [k for k in dict.fromkeys(features) if k != MIA_DEFAULT_FEATURE]
     if others:
         once = stable_salun_mia(retain, test, forget, seed, 1, others, max_per_side, n_jobs,
@@ -453,11 +462,65 @@ def oracle_comparison(
     return result
 
 
-def time_efficiency(unlearn_seconds: float, oracle_seconds: float) -> dict[str, float]:
-    """Run-time efficiency (SalUn's RTE): wall times in seconds and unlearn / oracle ratio."""
-    ratio = unlearn_seconds / oracle_seconds if oracle_seconds > 0 else NAN
-    return {
-        "unlearn_time": float(unlearn_seconds),
-        "oracle_time": float(oracle_seconds),
-        "time_ratio": float(ratio),
+def _cost_ratio(a: Any, b: Any) -> float:
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or b <= 0:
+        return NAN
+    return float(a) / float(b)
+
+
+def _machine_difference(unlearn: Mapping[str, Any], oracle: Mapping[str, Any]) -> str:
+    """Why two wall times are not comparable ("" when they are): host, device, threads."""
+    why = []
+    for key, what in (("host", "host"), ("device", "device"), ("threads", "CPU threads")):
+        u, o = unlearn.get(key), oracle.get(key)
+        if o is None or u is None:
+            why.append(f"the {'oracle' if o is None else 'run'} records no {what}")
+        elif u != o:
+            why.append(f"the oracle was trained with {what} {o}, this run used {u}")
+    return "; ".join(why)
+
+
+def time_efficiency(unlearn: Mapping[str, Any], oracle: Mapping[str, Any]) -> dict[str, Any]:
+    """Run-time efficiency (SalUn's RTE) as three ratios of unlearning to oracle training.
+
+    `unlearn` and `oracle` are cost records (training/cost.py: ``backward_samples``,
+    ``forward_samples``, ``steps``, ``wall_seconds``, ``cpu_seconds``, and where the work ran:
+    ``host``, ``device``, ``threads``). Returns both sides' numbers (``unlearn_time`` and
+    ``oracle_time`` are the wall times) and
+
+    * ``sample_pass_ratio``: backward sample passes, unlearning / oracle. It depends on the
+      code and data only, never on the machine or its load: the headline on CPU.
+    * ``step_ratio``: optimiser steps, unlearning / oracle.
+    * ``time_ratio``: wall time, unlearning / oracle, only when both ran on the same host and
+      device with the same thread count; else None, with ``time_ratio_note`` saying why (a
+      cached oracle's wall time measured its own machine and load).
+
+    A ratio whose oracle records no count (a sidecar written before work was counted) is NaN,
+    and ``cost_note`` says so.
+    """
+    out: dict[str, Any] = {
+        "unlearn_time": float(unlearn.get("wall_seconds") or 0.0),
+        "oracle_time": float(oracle.get("wall_seconds") or 0.0),
+        "unlearn_cpu_time": _cost_value(unlearn.get("cpu_seconds")),
+        "oracle_cpu_time": _cost_value(oracle.get("cpu_seconds")),
     }
+    for who, rec in (("unlearn", unlearn), ("oracle", oracle)):
+        for key in ("backward_samples", "forward_samples", "steps"):
+            out[f"{who}_{key}"] = _cost_value(rec.get(key))
+    out["sample_pass_ratio"] = _cost_ratio(
+        unlearn.get("backward_samples"), oracle.get("backward_samples")
+    )
+    out["step_ratio"] = _cost_ratio(unlearn.get("steps"), oracle.get("steps"))
+    if not isinstance(oracle.get("backward_samples"), int):
+        out["cost_note"] = (
+            "the oracle's sidecar records no work counts (trained before they were counted); "
+            "train it again for the sample-pass and step ratios"
+        )
+    note = _machine_difference(unlearn, oracle)
+    out["time_ratio"] = None if note else _cost_ratio(out["unlearn_time"], out["oracle_time"])
+    out["time_ratio_note"] = note
+    return out
+
+
+def _cost_value(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else NAN

@@ -181,9 +181,14 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else math.inf
 
 
+def _has(r: RunResult, key: str) -> bool:
+    v = r.times.get(key)
+    return isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+
+
 def cost_axis(results: Sequence[RunResult]) -> tuple[str, str]:
     """The cost key of ``times`` and its axis label: sample passes when every run has them."""
-    if results and all(r.times.get("sample_pass_ratio") is not None for r in results):
+    if results and all(_has(r, "sample_pass_ratio") for r in results):
         return "sample_pass_ratio", "sample passes / oracle's training sample passes"
     return "time_ratio", "wall time / oracle's training time"
 
@@ -262,7 +267,8 @@ def plot_gap_vs_cost(results: Sequence[RunResult], path: Path) -> dict[str, Path
                 ecolor=style.method_style(e.method)[0], **marker_kwargs(e.method, e.masked),
             )  # fmt: skip
         ax.set_title(f"{kind} forgetting")
-        ax.set_ylim(bottom=0)
+        top = ax.get_ylim()[1]
+        ax.set_ylim(-0.04 * top, top)  # a point at zero stays clear of the axis
         ax.grid(True, axis="y", lw=0.4, alpha=0.5)
         ax.axvline(1.0, color=style.GREY, lw=0.6, ls="--", zorder=0)
     finite = [v for v in xs_all if v > 0 and math.isfinite(v)] + [1.0]
@@ -286,11 +292,11 @@ def plot_metrics_vs_oracle(results: Sequence[RunResult], path: Path) -> dict[str
     """Grouped bars: each metric of each experiment minus the oracle's (pp), 95% intervals."""
     exps = experiments(results)
     kinds = by_kind(exps)
-    names = labels(exps)
     fig = style.figure(style.DOUBLE, 0.4 + 1.9 * max(1, len(kinds)))
     axes = fig.subplots(max(1, len(kinds)), 1, squeeze=False)[:, 0]
     for ax, (kind, group) in zip(axes, kinds.items(), strict=False):
         width = 0.8 / len(group)
+        names = labels(group)
         runs = [r for e in group for r in e.runs]
         ticks = []
         for g, (metric, gap_key) in enumerate(GAP_METRICS):
@@ -377,7 +383,6 @@ def plot_per_class_vs_oracle(
     kinds = by_kind(exps)
     if not kinds:
         return None
-    names = labels(exps)
     fig = style.figure(style.DOUBLE, 0.5 + 1.9 * len(kinds))
     with_forget = any(e.forget_classes for e in exps)
     grid = fig.subplots(len(kinds), 2 if with_forget else 1, squeeze=False,
@@ -388,7 +393,7 @@ def plot_per_class_vs_oracle(
         cn = list(class_names or map(str, range(nc)))
         series = [("base", per_class_differences(group[0], "base"),
                    {"marker": "s", "color": style.GREY, "ms": 3.5, "ls": "none"})]  # fmt: skip
-        series += [(names[e.name], per_class_differences(e), marker_kwargs(e.method, e.masked, 4))
+        series += [(e.name, per_class_differences(e), marker_kwargs(e.method, e.masked, 4))
                    for e in group]  # fmt: skip
         ax_f = row[1] if with_forget and forget else None
         if with_forget and not forget:
@@ -396,8 +401,9 @@ def plot_per_class_vs_oracle(
         draw_class_points((row[0], ax_f), series, forget, cn)
         row[0].set_ylabel("minus oracle (pp)")
         row[0].set_title(f"{kind} forgetting", loc="left")
-    handles, texts = grid[0][0].get_legend_handles_labels()
-    fig.legend(handles, texts, loc="outside lower center", ncols=min(5, len(texts)))
+    base = Line2D([], [], marker="s", color=style.GREY, ms=3.5, ls="none", label="base model")
+    handles = [base, *method_legend(exps)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=min(7, len(handles)))
     return style.save_figure(fig, path)
 
 
@@ -410,9 +416,13 @@ def paper_plots(
         "sample passes through the model relative to the oracle's training (times."
         "sample_pass_ratio)"
         if key == "sample_pass_ratio"
-        else "unlearning wall time relative to the oracle's training time (times.time_ratio; it "
-        "depends on the machine's load — runs that recorded sample passes are drawn with those)"
+        else "unlearning wall time relative to the oracle's training time (times.time_ratio; "
+        "wall time depends on the machine and its load, sample-pass ratios are drawn instead "
+        "when every run recorded them)"
     )
+    missing = [e.name for e in experiments(results) if not any(_has(r, key) for r in e.runs)]
+    if missing:
+        cost += f"; without a recorded cost, left out: {', '.join(missing)}"
     n = max(len(e.runs) for e in experiments(results))
     ci = f"95% t-intervals over {n} seeds" if n > 1 else "one seed, no intervals"
     plots = []

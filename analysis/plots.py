@@ -170,8 +170,9 @@ def plot_per_class(e: Experiment, path: Path, class_names: Sequence[str]) -> dic
     fc = e.forget_classes
     fig = style.figure(style.SINGLE, 2.4)
     if fc:
+        # the forgotten panel wide enough for its label
         ax_k, ax_f = fig.subplots(1, 2, width_ratios=[max(1, len(class_names) - len(fc)),
-                                                      1.6 * len(fc)])  # fmt: skip
+                                                      max(2.4, 1.2 * len(fc))])  # fmt: skip
     else:
         ax_k, ax_f = fig.add_subplot(), None
     color, _ = style.method_style(e.method)
@@ -258,8 +259,13 @@ class SeedData:
         self.roles = list(outs)
         self.forget = {k: o["forget"].losses.numpy() for k, o in outs.items()}
         self.test = {k: o["test"].losses.numpy() for k, o in outs.items()}
-        self.mia = {k: M.loss_mia(o["forget"], o["test"], int(r.seed))["loss_mia_acc"]
-                    for k, o in outs.items()}  # fmt: skip
+        # the loss-MIA the run computed (metrics.json), else computed here from the outputs
+        saved = {"unlearned": r.metrics, "base": r.base, "oracle": r.oracle}
+        self.mia = {}
+        for k, o in outs.items():
+            v = saved[k].get("loss_mia_acc")
+            self.mia[k] = v if isinstance(v, (int, float)) else (
+                M.loss_mia(o["forget"], o["test"], int(r.seed))["loss_mia_acc"])  # fmt: skip
         self.counts = {}
         for k, o in outs.items():
             full = M.concat_outputs(o["test"], o.get("test_forget"))
@@ -293,7 +299,7 @@ def experiment_plots(
                 "kit's logistic-regression attack telling forget from test samples by their loss: "
                 "0.5 means it cannot."), "", "Loss distributions", files, e.name, seed),
         ]  # fmt: skip
-        counts = [(ROLE_TITLES[k], sum(s.counts[k] for s in rows)) for k in roles]
+        counts = [(ROLE_TITLES[k], np.sum([s.counts[k] for s in rows], axis=0)) for k in roles]
         files = plot_confusion_matrices(counts, d / "confusion", class_names=names,
                                         forget_classes=fc)  # fmt: skip
         plots.append(Plot(style.primary(files), (

@@ -45,7 +45,7 @@ from analysis import style
 from analysis import tsne as T
 from analysis import wasserstein as W
 from analysis.features import FeatureSet, extract_features, load_index
-from analysis.figures import Experiment, experiments, forgetting_kind, mean_ci
+from analysis.figures import Experiment, cost_axis, experiments, forgetting_kind, mean_ci
 from analysis.plots import Plot, load_results, make_run_plots
 from core.cli_options import (
     FIG_FORMATS,
@@ -132,6 +132,24 @@ T_CAPTION = (
 )
 
 
+def separations(e: dict[str, Any], info: dict[str, FeatureSet]) -> dict[str, float]:
+    """Separation of the unlearned model's forget samples under base, unlearned and oracle."""
+    forget = info[e["file"]].forget
+    files = {"base": e.get("base"), "unlearned": e["file"], "oracle": e.get("oracle")}
+    return {k: T.separation(info[f].features, forget) for k, f in files.items() if f in info}
+
+
+def mean_trio(
+    group: Sequence[dict[str, Any]], mats: dict[str, np.ndarray]
+) -> dict[str, np.ndarray | None]:
+    """Base, unlearned and oracle matrices averaged over the seeds of an experiment."""
+    out: dict[str, np.ndarray | None] = {}
+    for k in ("base", "unlearned", "oracle"):
+        found = [m for e in group if (m := W.trio(e, mats)[k]) is not None]
+        out[k] = np.mean(np.stack(found), axis=0) if len(found) == len(group) else None
+    return out
+
+
 def feature_figures(
     run_dir: Path,
     *,
@@ -155,9 +173,9 @@ def feature_figures(
     out = run_dir / "plots"
     runs: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for e in entries:
-        where = _run_of(e) if e["role"] == "unlearned" else None
-        if where is not None and (e.get("base") in mats or e.get("oracle") in mats):
-            runs.setdefault(where[0], []).append((where[1], e))
+        found = _run_of(e) if e["role"] == "unlearned" else None
+        if found is not None and (e.get("base") in mats or e.get("oracle") in mats):
+            runs.setdefault(found[0], []).append((found[1], e))
     maps: dict[str, tuple[FeatureSet, np.ndarray]] = {}
     if tsne:
         files = [f for group in runs.values() for _, e in group
@@ -171,44 +189,36 @@ def feature_figures(
         names, fc = fs0.class_names, fs0.meta.get("forget_classes") or []
         scores: dict[str, list[float]] = {}
         for seed, e in group:
-            u = info[e["file"]]
-            trio = W.trio(e, mats)
-            files = {"base": e.get("base"), "unlearned": e["file"], "oracle": e.get("oracle")}
-            sep = {k: T.separation(info[f].features, u.forget) for k, f in files.items()
-                   if f in info}  # fmt: skip
+            d = out / exp / f"seed{seed}"
+            sep = separations(e, info)
             for k, v in sep.items():
                 scores.setdefault(k, []).append(v)
-            d = out / exp / f"seed{seed}"
-            fw = W.plot_compare(trio, d / "wasserstein", vmax=vmax[e["file"]], class_names=names,
-                                forget_classes=fc)  # fmt: skip
+            fw = W.plot_compare(W.trio(e, mats), d / "wasserstein", vmax=vmax[e["file"]],
+                                class_names=names, forget_classes=fc)  # fmt: skip
             plots = [Plot(style.primary(fw), W_CAPTION.format(where="this seed"), "",
                           "Feature-space distances", fw, exp, seed)]  # fmt: skip
             if tsne:
-                panels = T.compare_panels(e, maps)
-                ft = T.plot_tsne_compare(
-                    [(role, maps[f][1]) for role, f in panels], maps[e["file"]][0].labels,
-                    maps[e["file"]][0].forget, d / "tsne", class_names=names,
-                    forget_classes=fc, scores=sep,
-                )  # fmt: skip
-                plots.append(Plot(style.primary(ft), T_CAPTION.format(
-                    n=len(maps[e["file"]][0].labels), where=", this seed"), "", "t-SNE of features",
-                    ft, exp, seed))  # fmt: skip
+                fs, _ = maps[e["file"]]
+                panels = [(role, maps[f][1]) for role, f in T.compare_panels(e, maps)]
+                ft = T.plot_tsne_compare(panels, fs.labels, fs.forget, d / "tsne",
+                                         class_names=names, forget_classes=fc, scores=sep)  # fmt: skip
+                caption = T_CAPTION.format(n=len(fs.labels), where=", this seed")
+                plots.append(Plot(style.primary(ft), caption, "", "t-SNE of features", ft, exp,
+                                  seed))  # fmt: skip
             result.seeds[(exp, seed)] = plots
-        mean = {k: np.mean([W.trio(e, mats)[k] for _, e in group], axis=0)
-                if all(W.trio(e, mats)[k] is not None for _, e in group) else None
-                for k in ("base", "unlearned", "oracle")}  # fmt: skip
         n = len(group)
+        fw = W.plot_compare(mean_trio([e for _, e in group], mats), out / exp / "wasserstein",
+                            vmax=vmax[group[0][1]["file"]], class_names=names, forget_classes=fc)  # fmt: skip
         where = f"averaged over {n} seeds" if n > 1 else "one seed"
-        fw = W.plot_compare(mean, out / exp / "wasserstein", vmax=vmax[group[0][1]["file"]],
-                            class_names=names, forget_classes=fc)  # fmt: skip
         result.overall[exp] = [Plot(style.primary(fw), W_CAPTION.format(where=where), "",
                                     "Feature-space distances", fw, exp)]  # fmt: skip
         result.guide[exp] = T.reading_guide({k: mean_ci(v) for k, v in scores.items()})
-        if tsne:
+        if tsne:  # the first seed's maps, with the guide over all seeds
             first = result.seeds[(exp, group[0][0])][-1]
-            result.overall[exp].append(Plot(first.path, T_CAPTION.format(
-                n=len(maps[group[0][1]["file"]][0].labels), where=f" (seed {group[0][0]})")
-                + " " + result.guide[exp], "", "t-SNE of features", first.files, exp))  # fmt: skip
+            caption = T_CAPTION.format(n=len(maps[group[0][1]["file"]][0].labels),
+                                       where=f" (seed {group[0][0]})")  # fmt: skip
+            result.overall[exp].append(Plot(first.path, caption + " " + result.guide[exp], "",
+                                            "t-SNE of features", first.files, exp))  # fmt: skip
     return result
 
 
@@ -263,8 +273,7 @@ def setup_text(config: dict[str, Any], exps: list[Experiment], seeds: list[int])
 def experiment_text(e: Experiment) -> str:
     """The experiment's numbers as a sentence: means ± 95% t-intervals over seeds."""
     m, o = (lambda k: e.ci("metrics", k)), (lambda k: e.ci("oracle", k))
-    ratio_key = "sample_pass_ratio" if all(
-        r.times.get("sample_pass_ratio") is not None for r in e.runs) else "time_ratio"  # fmt: skip
+    ratio_key = cost_axis(e.runs)[0]
     ratio_what = "sample passes" if ratio_key == "sample_pass_ratio" else "time"
     return (
         f"Method {e.method}{' with the saliency mask' if e.masked else ''}; forget set "
@@ -286,6 +295,13 @@ def seed_text(e: Experiment, seed: int) -> str:
         f"{100 * r.metrics['test_acc']:.2f}%, MIA-Efficacy {100 * r.metrics['mia_efficacy']:.2f}%, "
         f"Avg. Gap {'–' if g is None else f'{g:.2f}'} pp."
     )
+
+
+def without_empty_columns(headers: list[str], body: list[list[str]]) -> list[list[str]]:
+    """The table without the columns no row has a value in (e.g. a metric these runs did not
+    record), header first."""
+    keep = [k for k in range(len(headers)) if k == 0 or any(r[k] not in ("-", "") for r in body)]
+    return [[row[k] for k in keep] for row in [headers, *body]]
 
 
 def build_blocks(
@@ -311,8 +327,7 @@ def build_blocks(
         "Gap = mean absolute difference to the oracle of UA, RA, TA and MIA-Efficacy in "
         "percentage points, times in seconds; mean ± standard deviation over seeds (the "
         "figures give 95% t-intervals). Below each experiment, its retrain oracle.")))  # fmt: skip
-    headers, body = table_cells(rows)
-    b.append(Block("table", rows=[headers, *body]))
+    b.append(Block("table", rows=without_empty_columns(*table_cells(rows))))
     number = 0
 
     def figure(p: Plot, lazy: bool = False, numbered: bool = True) -> Block:
@@ -408,7 +423,8 @@ nav.toc ul {{ margin: .2em 0; padding-left: 1.2em; }}
 nav.toc ul ul {{ columns: 2; }}
 .scroll {{ overflow-x: auto; max-width: 100%; }}
 table {{ border-collapse: collapse; margin: 1em 0; font-size: .8em; }}
-th, td {{ border: 1px solid #ccc; padding: .25em .5em; text-align: right; white-space: nowrap; }}
+th, td {{ border: 1px solid #ccc; padding: .2em .4em; text-align: right; }}
+td {{ font-variant-numeric: tabular-nums; }}
 th {{ background: #eef2f7; }} td:first-child, th:first-child {{ text-align: left; }}
 tr.oracle td {{ color: #666; background: #fafafa; }}
 figure {{ margin: 1.4em 0; break-inside: avoid; }}
@@ -418,7 +434,7 @@ details {{ margin: 1em 0; border-left: 3px solid #ddd; padding-left: 1em; }}
 summary {{ cursor: pointer; color: #0072B2; }}
 pre {{ background: #f6f8fa; padding: 1em; overflow-x: auto; font-size: .75em; }}
 @media print {{ html {{ font-size: 11px; }} body {{ max-width: none; margin: 0; }}
-  h2, h3 {{ break-after: avoid; }} }}
+  h2, h3 {{ break-after: avoid; }} details {{ display: none; }} }}
 """
 
 
@@ -558,6 +574,13 @@ def log_figures(
 # ---------------------------------------------------------------------------------------------
 
 
+def check_fig_formats(fig_formats: Sequence[str]) -> None:
+    """The report's page needs figures a browser shows: svg or png."""
+    if not {"svg", "png"} & set(fig_formats):
+        raise UserError(f"--fig-format {','.join(fig_formats)}: the HTML report shows svg or png "
+                        "figures; add one of them")  # fmt: skip
+
+
 def write_report(
     run_dir: Path,
     device: torch.device | str | None = None,
@@ -579,9 +602,7 @@ def write_report(
     run_dir = Path(run_dir)
     if not (run_dir / "runs").is_dir():
         raise UserError(f"{run_dir}: not a run folder (no runs/ inside)")
-    if not {"svg", "png"} & set(fig_formats):
-        raise UserError(f"--fig-format {','.join(fig_formats)}: the HTML report shows svg or png "
-                        "figures; add one of them")  # fmt: skip
+    check_fig_formats(fig_formats)
     dev = pick_device(str(device) if device is not None else None)
     with style.formats(fig_formats):
         plots = make_run_plots(run_dir, run_dir / "plots", search=[Path("checkpoints")],

@@ -226,13 +226,14 @@ def plot_compare(
         row[0].set_ylabel("class")
         for ax in row:
             if not ax.images:
-                ax.set_visible(False)
+                ax.axis("off")
     if im is not None:
         fig.colorbar(im, ax=list(axes[0]), shrink=0.9, pad=0.02, extend="max",
                      label="sliced $W_2$")  # fmt: skip
     if dim is not None:
-        fig.colorbar(dim, ax=list(axes[1, :2]), shrink=0.9, pad=0.02,
-                     label="Δ sliced $W_2$ (red: apart)")  # fmt: skip
+        # in the free third slot of the lower row, so the upper row keeps its even spacing
+        cax = axes[1, 2].inset_axes((0.04, 0.05, 0.06, 0.9))
+        fig.colorbar(dim, cax=cax, label="Δ sliced $W_2$ (red: apart)")
     if title:
         fig.suptitle(title)
     return style.save_figure(fig, path)
@@ -296,7 +297,7 @@ def scales(entries: Sequence[dict[str, Any]], mats: dict[str, np.ndarray]) -> di
     groups: dict[str, list[dict[str, Any]]] = {}
     for e in entries:
         groups.setdefault(e["sample_key"], []).append(e)
-    out = {}
+    out: dict[str, float] = {}
     for group in groups.values():
         ref = [e["role"] in ("base", "oracle") for e in group]
         vmax = shared_scale([mats[e["file"]] for e in group], ref)

@@ -13,25 +13,38 @@ rerun skips the runs that already finished).
 Every task runs with ``--threads-per-task`` CPU threads (default 1): the numbers depend on the
 thread count, and PyTorch's default of one thread per core is slow on a busy machine.
 ``--workers auto`` starts one worker per GPU on CUDA, and floor(usable cores / threads per task)
-on CPU (the usable cores: this process's CPU affinity); never more than there are tasks to do.
+on CPU (the usable cores: this process's CPU affinity), never more than the widest layer of
+the graph has tasks to do; it is the default unless $UNLEARNING_WORKERS says otherwise.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from analysis.report import write_report
-from core.cli_options import add_checkpoints, add_data_dir, add_device, add_out, new_parser
+from analysis.report import check_fig_formats, write_report
+from core.cli_options import (
+    add_checkpoints,
+    add_data_dir,
+    add_device,
+    add_fig_format,
+    add_out,
+    new_parser,
+)
 from core.errors import UserError, cli
 from core.io import write_json
+from core.progress import show_inner_bars
 from core.userfiles import check_output_dir
 from core.validation import SEED_MAX
 from datasets import pick_device
 from running.config import (
+    MAX_EVAL_MODELS,
+    EvaluateConfig,
     ExperimentConfig,
     check_same_config,
     load_experiments,
@@ -40,14 +53,18 @@ from running.config import (
 )
 from running.rundir import config_locked
 from running.runner import Runner, RunnerOptions, timestamp
+from running.slurm import SETTINGS_HELP
+from running.slurm_backend import Submitted, settings_from, slurm_backend
 from running.tables import summarize, table_cells, to_terminal
 from running.threads import DEFAULT_THREADS, check_threads
+from running.tune import check_tunable, tune_experiments, with_trials
 from running.wandb_log import MODES
 from running.workers import backend, plan_workers
 
 SINGLE = "a single experiment from flags (without -L)"
 MAX_NEXP = 10_000
-DEFAULT_WORKERS = "1"
+# the default of --workers comes from here when set (the test suite sets 1)
+WORKERS_VARIABLE = "UNLEARNING_WORKERS"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoints(p)
     add_data_dir(p)
     p.add_argument("--report", action="store_true", help="write report.md/.html at the end")
+    add_fig_format(p)
+    p.add_argument("--tune", type=int, metavar="T",
+                   help="first tune every experiment with T Optuna trials against the oracle on "
+                   "another forget set (running/tune.py); its tuned twin runs next to it")  # fmt: skip
+    p.add_argument("--eval-models", type=int, metavar="N",
+                   help='many-model evaluation of every experiment: N oracles and N unlearned '
+                   'models scored per forget example (sets "evaluate": {"models": N}; '
+                   "runs/<experiment>/epsilon/)")  # fmt: skip
     p.add_argument("--no-repr", action="store_true",
                    help="skip the representation metrics (metrics.json repr: probe, kNN, CKA), "
                    "e.g. for large models")  # fmt: skip
@@ -83,9 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true",
                    help="also a line per training and unlearning epoch")  # fmt: skip
     w = p.add_argument_group("parallel tasks and speed")
-    w.add_argument("--workers", default=DEFAULT_WORKERS, metavar="N|auto",
-                   help="worker processes (%(default)s: in this process; auto: one per GPU, or "
-                   "usable cores / threads per task on CPU)")  # fmt: skip
+    w.add_argument("--workers", default=os.environ.get(WORKERS_VARIABLE, "auto"),
+                   metavar="N|auto", help="worker processes (%(default)s; auto: one per GPU, or "
+                   "usable cores / threads per task on CPU; 1: all in this process)")  # fmt: skip
     w.add_argument("--gpus", metavar="0,1,...",
                    help="CUDA: the GPUs to use, one worker pinned to each (default: all)")  # fmt: skip
     w.add_argument("--tasks-per-gpu", type=int, default=1, metavar="K",
@@ -95,7 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-amp", action="store_true",
                    help="CUDA: train in float32 (default: bfloat16 mixed precision, float16 "
                    "with a gradient scaler where bfloat16 is not supported)")  # fmt: skip
+    add_cluster(p)
     return p
+
+
+# --slurm-* flags: (setting of SlurmSettings, type, metavar)
+SLURM_FLAGS = (("partition", str, "NAME"), ("time", str, "TIME"), ("gpus_per_task", int, "G"),
+               ("cpus_per_task", int, "C"), ("mem", str, "MEM"), ("account", str, "NAME"),
+               ("qos", str, "NAME"), ("array_parallelism", int, "N"), ("python", str, "CMD"))  # fmt: skip
+
+
+def add_cluster(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("cluster (SLURM, through submitit)")
+    c.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                   help="local: this machine (--workers); slurm: one job array per layer of "
+                   "the task graph (logs in <out>/slurm/)")  # fmt: skip
+    c.add_argument("--launcher-config", type=Path, metavar="FILE",
+                   help='JSON file with a "launcher" object of SLURM settings (partition, '
+                   "time, ...); the --slurm-* flags override it")  # fmt: skip
+    for key, kind, metavar in SLURM_FLAGS:
+        flag, meaning = SETTINGS_HELP[key]
+        c.add_argument(flag, dest=f"slurm_{key}", type=kind, metavar=metavar, help=meaning)
+    c.add_argument("--slurm-extra", action="append", metavar="KEY=VALUE",
+                   help="another sbatch parameter, e.g. constraint=a100 (repeatable)")  # fmt: skip
+    c.add_argument("--no-wait", action="store_true",
+                   help="slurm: submit the first phase with work and return; the same command "
+                   "later collects and resumes")  # fmt: skip
 
 
 def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -123,12 +173,25 @@ def check_flags(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
             f"--seed {args.seed} is invalid; use a seed in 0..{top}"
             f"{why if args.nexp > 1 else ''}: numpy seeds with 0..2**32 - 1"
         )
+    if args.report:
+        check_fig_formats(args.fig_format)
     check_output_dir(args.checkpoints, "--checkpoints")
     if args.data_dir is not None:
         check_output_dir(args.data_dir, "--data-dir")
+    if args.eval_models is not None and not 2 <= args.eval_models <= MAX_EVAL_MODELS:
+        raise UserError(f"--eval-models {args.eval_models} is invalid; use a number of models "
+                        f"in 2..{MAX_EVAL_MODELS}")  # fmt: skip
     if args.quiet and args.verbose:
         raise UserError("-q/--quiet and -v/--verbose contradict each other; give one")
     check_threads(args.threads_per_task)
+    if args.launcher != "slurm":
+        given = [f for f, v in (("--no-wait", args.no_wait),
+                                ("--launcher-config", args.launcher_config),
+                                ("--slurm-extra", args.slurm_extra)) if v]  # fmt: skip
+        given += [SETTINGS_HELP[k][0] for k, _, _ in SLURM_FLAGS
+                  if getattr(args, f"slurm_{k}") is not None]  # fmt: skip
+        if given:
+            raise UserError(f"{given[0]} needs --launcher slurm")
 
 
 def resume_command(argv: list[str], out: Path) -> str:
@@ -143,6 +206,12 @@ def resume_command(argv: list[str], out: Path) -> str:
         elif not a.startswith("--out="):
             kept.append(a)
     return shlex.join(["python", "main.py", *kept, "--out", str(out)])
+
+
+def with_models(e: ExperimentConfig, n: int) -> ExperimentConfig:
+    """The experiment with ``"evaluate": {"models": n}`` (its U-LiRA setting kept)."""
+    ev = e.evaluate or EvaluateConfig()
+    return dataclasses.replace(e, evaluate=dataclasses.replace(ev, models=n))
 
 
 def experiments_from_flags(args: argparse.Namespace) -> list[ExperimentConfig]:
@@ -178,9 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         experiments = experiments_from_flags(args)
         source, name = "command line", "cli"
+    if args.eval_models is not None:
+        experiments = [with_models(e, args.eval_models) for e in experiments]
+    if args.tune is not None:
+        experiments = with_trials(experiments, args.tune)
+    check_tunable(experiments, source)
     device = pick_device(args.device)
+    show_inner_bars(args.verbose)  # one bar for the sweep; the epoch and batch bars with -v
     plan = plan_workers(args.workers, device, gpus=args.gpus, tasks_per_gpu=args.tasks_per_gpu,
                         threads=args.threads_per_task)  # fmt: skip
+    settings = None
+    if args.launcher == "slurm":  # every bad setting is reported before any work
+        flags = {k: getattr(args, f"slurm_{k}") for k, _, _ in SLURM_FLAGS}
+        settings = settings_from(args.launcher_config, flags, args.slurm_extra)
     out = args.out or Path("output") / f"{timestamp()}_{name}"
     check_output_dir(out, "--out")
     resolved = run_record(source, args.nexp, args.seed, experiments)
@@ -215,7 +294,18 @@ def main(argv: list[str] | None = None) -> int:
                                             "threads_per_task": args.threads_per_task})  # fmt: skip
     print(f"run folder: {out}", file=sys.stderr)
     try:
-        results = runner.run_all(backend(plan))
+        if any(e.tune is not None for e in experiments):  # tuned twins run next to the experiments
+            twins = tune_experiments(experiments, runner.opts, backend(plan), plan.workers)
+            runner = Runner(experiments + twins, runner.opts)
+            runner.resolve()
+        if settings is None:
+            results = runner.run_all(backend(plan))
+        else:
+            resume = resume_command([a for a in argv if a != "--no-wait"], out)
+            results = runner.run_all(slurm_backend(settings, wait=not args.no_wait, resume=resume))
+    except Submitted as e:  # --no-wait: the jobs run on; a later command collects them
+        print(str(e), file=sys.stderr)
+        return 0
     except KeyboardInterrupt:
         print(
             f"\ninterrupted; finished runs are kept in {out}; resume with: "
@@ -235,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             out,
             device=device,
             data_dir=args.data_dir,
+            fig_formats=args.fig_format,
             wandb_mode="disabled" if args.no_log else args.wandb,
             project=args.project,
         )

@@ -376,12 +376,13 @@ def write_epsilon(
     retrained: Tensor | np.ndarray,
     acc: Accuracies,
     indices: Sequence[int] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> EpsilonResult:
     """Write ``confidences.safetensors`` and ``epsilon.json`` into `folder`, each atomically.
 
     The confidences are float64 tensors ``unlearned`` and ``retrained`` of shape [N, |S|],
     columns in the caller's order (pool-index order; `indices` lists them if given). The JSON
-    is strict (NaN is written as null).
+    is strict (NaN is written as null); `extra` keys (what was evaluated, its cost) join it.
     """
     folder = Path(folder)
     u = torch.as_tensor(_as_array(unlearned)).contiguous()
@@ -391,5 +392,5 @@ def write_epsilon(
         folder / CONFIDENCES_FILE,
         lambda tmp: save_file({"unlearned": u, "retrained": r}, str(tmp)),
     )
-    write_json(folder / EPSILON_FILE, result.to_json(indices))
+    write_json(folder / EPSILON_FILE, (extra or {}) | result.to_json(indices))
     return result

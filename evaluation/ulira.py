@@ -41,6 +41,15 @@ MIN_STD = 1e-6  # a spike (all shadows equal) still has a finite density
 NAN = math.nan
 
 
+def shadow_halves(n_pool: int, shadows: int, seed: int) -> np.ndarray:
+    """Training halves of K shadows, bool [K, P]: each pool example is in exactly ``K // 2``
+    of them (LiRA's balanced split, from ``numpy_rng(seed, "ulira/halves")``)."""
+    if shadows < 2:
+        raise ValueError(f"U-LiRA needs at least 2 shadow models, got {shadows}")
+    order = np.argsort(numpy_rng(seed, "ulira/halves").random((shadows, n_pool)), axis=0)
+    return order < shadows // 2
+
+
 def shadow_masks(
     n_pool: int,
     shadows: int,
@@ -51,26 +60,30 @@ def shadow_masks(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Training halves and forget sets of K shadows: (trained [K, P], forgotten [K, P]) bool.
 
-    Each pool example is in exactly ``K // 2`` training halves (LiRA's balanced split, from
-    ``numpy_rng(seed, "ulira/halves")``). Forget sets: every trained example among
-    `candidates` (e.g. the forgotten class), or else `forget_size` trained examples drawn per
-    shadow (``numpy_rng(seed, "ulira/forget")``).
+    Halves from :func:`shadow_halves`. Forget sets: every trained example among `candidates`
+    (e.g. the forgotten class, or the evaluated forget set), topped up to `forget_size` with
+    other trained examples when both are given (so each evaluated example is unlearned in about
+    half of the shadows, and every shadow forgets as many examples as the evaluated run); with
+    `forget_size` alone, that many trained examples per shadow. Draws from
+    ``numpy_rng(seed, "ulira/forget")``.
     """
-    if shadows < 2:
-        raise ValueError(f"U-LiRA needs at least 2 shadow models, got {shadows}")
-    order = np.argsort(numpy_rng(seed, "ulira/halves").random((shadows, n_pool)), axis=0)
-    trained = order < shadows // 2
-    if candidates is not None:
-        return trained, trained & np.asarray(candidates, dtype=bool)[None, :]
-    if forget_size is None:
+    trained = shadow_halves(n_pool, shadows, seed)
+    if candidates is None and forget_size is None:
         raise ValueError("give forget_size or candidates")
+    cand = (
+        np.zeros(n_pool, dtype=bool) if candidates is None else np.asarray(candidates, dtype=bool)
+    )
+    forgotten = trained & cand[None, :]
+    if forget_size is None:
+        return trained, forgotten
     rng = numpy_rng(seed, "ulira/forget")
-    forgotten = np.zeros_like(trained)
     for k in range(shadows):
-        pool = np.flatnonzero(trained[k])
-        if forget_size > len(pool):
+        need = forget_size - int(forgotten[k].sum())
+        pool = np.flatnonzero(trained[k] & ~cand)
+        if need > len(pool):
             raise ValueError(f"forget_size {forget_size} exceeds a shadow's half ({len(pool)})")
-        forgotten[k, rng.choice(pool, size=forget_size, replace=False)] = True
+        if need > 0:
+            forgotten[k, rng.choice(pool, size=need, replace=False)] = True
     return trained, forgotten
 
 

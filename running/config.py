@@ -32,6 +32,7 @@ from core.validation import (
     PathText,
     Range,
     Rule,
+    Seed,
     Text,
     safe_name,
     validate,
@@ -75,6 +76,51 @@ class OptimizerConfig:
     weight_decay: NonNegative = 5e-4
     schedule: Annotated[str, OneOf(SCHEDULES)] = "constant"
     nesterov: Bool = True
+
+
+MAX_EVAL_MODELS = 1024  # models of each kind in a many-model evaluation
+MAX_SHADOWS = 1024  # U-LiRA shadow models
+
+
+@with_config(CONFIG)
+@dataclass(frozen=True)
+class UliraConfig:
+    """U-LiRA (Hayes et al. 2024; evaluation/ulira.py): K shadow models on halves of the pool."""
+
+    shadows: Annotated[int, Range(2, MAX_SHADOWS)] = 16
+
+
+@with_config(CONFIG)
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """Verdicts over many models (running/many_models.py): N oracles and N unlearned models
+    scored per forget example (evaluation/epsilon.py), and optionally U-LiRA."""
+
+    models: Annotated[int, Range(2, MAX_EVAL_MODELS)] | None = None
+    ulira: UliraConfig | None = None
+
+
+MAX_TRIALS = 10_000
+
+
+@with_config(CONFIG)
+@dataclass(frozen=True)
+class TuneConfig:
+    """Tuning against the retrain oracle (running/tune.py): Optuna's TPE over the method's
+    declared search space, minimising Avg. Gap on a forget set that is not the evaluated one."""
+
+    trials: Annotated[int, Range(1, MAX_TRIALS)] = 20
+    # class-wise: the class(es) tuned on (None: the next class after the evaluated ones)
+    forget: (
+        ClassIndex
+        | Annotated[
+            list[ClassIndex], Rule(_distinct, "use a class index >= 0 or a list of distinct ones")
+        ]  # fmt: skip
+        | None
+    ) = None
+    seed: Seed = 100  # the sampler's, the trial runs' and the random tuning draw's seed
+    # recipe seeds of the base models tuned on (mean Avg. Gap); None: the experiment's base
+    base_seeds: Annotated[list[Seed], Rule(_distinct, "use a list of distinct seeds")] | None = None
 
 
 @with_config(CONFIG)
@@ -122,6 +168,8 @@ class ExperimentConfig:
     # the base model's encoder, an approximation flagged in metrics.json
     pretrain_oracle: Annotated[str, OneOf(PRETRAIN_ORACLES)] = "exact"
     representation: Bool = True  # the repr section of metrics.json (evaluation/repr_eval.py)
+    evaluate: EvaluateConfig | None = None  # many-model epsilon and U-LiRA (many_models.py)
+    tune: TuneConfig | None = None  # tune lr, epochs, method_args first (running/tune.py)
     tag: Annotated[str, Strict(), Rule(safe_name, NAME_RULE)] = ""
 
     @property
@@ -167,7 +215,13 @@ class ExperimentConfig:
         d["method_args"] = (
             dataclasses.asdict(self.method_args) if self.method_args is not None else {}
         )
-        for key, default in (("pretrain_oracle", "exact"), ("representation", True)):
+        if self.evaluate is not None:
+            d["evaluate"] = {k: v for k, v in dataclasses.asdict(self.evaluate).items()
+                             if v is not None}  # fmt: skip
+        if self.tune is not None:
+            d["tune"] = {k: v for k, v in dataclasses.asdict(self.tune).items() if v is not None}
+        for key, default in (("pretrain_oracle", "exact"), ("representation", True),
+                             ("evaluate", None), ("tune", None)):  # fmt: skip
             if d[key] == default:  # records made before these keys resume unchanged
                 del d[key]
         return d
@@ -269,6 +323,40 @@ def check_experiment(cfg: ExperimentConfig, where: str) -> None:
         raise bad("frozen", f"method '{cfg.method}' takes no gradient steps to constrain")
     if hasattr(cfg.method_args, "check"):
         cfg.method_args.check(f"{where}key 'method_args': ")
+    ev = cfg.evaluate
+    if ev is not None and ev.ulira is not None:
+        if ev.models is None:
+            raise UserError(f"{where}key 'evaluate.ulira': U-LiRA attacks the models of the "
+                            'many-model evaluation; add "models": N (e.g. 32) to "evaluate"')  # fmt: skip
+        for key in ("load_mask", "replace_class"):
+            if getattr(cfg, key) is not None:
+                raise UserError(f"{where}key 'evaluate.ulira': not with {key} (the shadow "
+                                "models are other base models, trained on halves of the "
+                                "pool, with forget sets of their own)")  # fmt: skip
+    if cfg.tune is not None:
+        _check_tune(cfg, cfg.tune, where)
+
+
+def _check_tune(cfg: ExperimentConfig, t: TuneConfig, where: str) -> None:
+    """The tuning forget set can be built and differs from the evaluated one (running/tune.py)."""
+    if cfg.replace_class is not None:
+        raise UserError(f"{where}key 'tune': class replacement cannot be tuned against a "
+                        "retrain oracle; drop tune or replace_class")  # fmt: skip
+    if t.forget is not None:
+        if cfg.class_to_forget is None:
+            raise UserError(f"{where}key 'tune.forget': {t.forget!r} is invalid; a tuning class "
+                            "is for class-wise forgetting (random and index forget sets are "
+                            "tuned on a second draw with tune.seed): drop it")  # fmt: skip
+        cf = cfg.class_to_forget
+        evaluated = set(cf if isinstance(cf, list) else [cf])
+        tuned = set(t.forget if isinstance(t.forget, list) else [t.forget])
+        if evaluated & tuned:
+            raise UserError(f"{where}key 'tune.forget': {t.forget!r} is invalid; the tuning "
+                            f"class must not be an evaluated one ({sorted(evaluated)}), so the "
+                            "evaluated forget set never informs the settings")  # fmt: skip
+    if t.base_seeds is not None and not isinstance(cfg.checkpoint, TrainConfig):
+        raise UserError(f"{where}key 'tune.base_seeds': {t.base_seeds!r} is invalid; base "
+                        "seeds need a checkpoint recipe (an object), not a file")  # fmt: skip
 
 
 def load_experiments(path: str | Path) -> list[ExperimentConfig]:

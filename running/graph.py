@@ -15,6 +15,12 @@ entry and run folder (core/locks.py) does the same.
 A base task also computes the model's outputs on the whole pool and test set
 (``outputs/<stem>.safetensors``), an oracle task its own, so the runs only read them.
 
+An experiment with ``"evaluate"`` adds its many-model evaluation (running/many_models.py):
+
+    base -> model-oracle (N oracles, training seeds s..s+N-1) \
+    base -> model-run (N unlearned models, seeds s..s+N-1)     -> epsilon -> summary
+    base -> shadow-base (K half-pool models) -> shadow (K runs) + epsilon -> ulira -> summary
+
 Tasks carry plain values (keys, paths, indices), never models: a worker process executes one
 from the sweep's arguments and the task key alone (:func:`running.workers.run_task`).
 """
@@ -33,10 +39,18 @@ if TYPE_CHECKING:
     from running.runner import Runner
 
 BASE, ORACLE, RUN, SUMMARY, REPORT = "base", "oracle", "run", "summary", "report"
-KINDS = (BASE, ORACLE, RUN, SUMMARY, REPORT)
+# the many-model evaluation of an experiment with "evaluate" (running/many_models.py): oracles
+# with other training seeds, unlearned models with other seeds, the epsilon score; U-LiRA's
+# shadow base models, their unlearning runs, the attack
+MODEL_ORACLE, MODEL_RUN, EPSILON = "model-oracle", "model-run", "epsilon"
+SHADOW_BASE, SHADOW, ULIRA = "shadow-base", "shadow", "ulira"
+KINDS = (BASE, ORACLE, MODEL_ORACLE, SHADOW_BASE, RUN, MODEL_RUN, SHADOW, EPSILON, ULIRA,
+         SUMMARY, REPORT)  # fmt: skip
 # what worker processes execute; the summary and the report are written by the process that
 # started the sweep, from the run folders
-WORKER_KINDS = (BASE, ORACLE, RUN)
+WORKER_KINDS = (BASE, ORACLE, MODEL_ORACLE, SHADOW_BASE, RUN, MODEL_RUN, SHADOW, EPSILON, ULIRA)
+# tasks whose output is a result; the others are inputs, needed only by unfinished results
+RESULT_KINDS = (RUN, EPSILON, ULIRA)
 
 # what :meth:`Runner.execute` reports about a task
 DONE, SKIPPED, HELD = "done", "skipped", "held"
@@ -44,8 +58,9 @@ DONE, SKIPPED, HELD = "done", "skipped", "held"
 
 @dataclass(frozen=True)
 class Task:
-    """One node: `key` names it (``base:<stem>``, ``oracle:<stem>``,
-    ``run:<experiment folder>/seed<N>``, ``summary``, ``report``); `path` is what it makes
+    """One node: `key` names it (``base:<checkpoint path>``, ``oracle:<checkpoint path>``,
+    without ``.safetensors``; ``run:<experiment folder>/seed<N>``, ``summary``, ``report``);
+    `path` is what it makes
     (a checkpoint path, a run folder, the summary file); `job` is the index of the first
     experiment that needs it and `k` the seed offset (seed = ``--seed`` + k)."""
 
@@ -73,15 +88,22 @@ class Graph:
         return [layer for kind in kinds if (layer := self.layer(kind))]
 
     def check(self, is_done: Callable[[Task], bool]) -> None:
-        """Mark the worker tasks already finished; a base model or oracle that no unfinished
-        run needs is left alone (counted done), whatever state its cache entry is in."""
-        runs = self.layer(RUN)
-        self.done = {t.key for t in runs if is_done(t)}
-        needed = {d for t in runs if t.key not in self.done for d in t.deps}
-        needed |= {d for t in self.layer(ORACLE) if t.key in needed for d in t.deps}
+        """Mark the worker tasks already finished; an input (a base model, an oracle, ...)
+        that no unfinished result (run, epsilon, U-LiRA) needs is left alone (counted done),
+        whatever state its cache entry is in."""
+        results = [t for t in self.tasks.values() if t.kind in RESULT_KINDS]
+        self.done = {t.key for t in results if is_done(t)}
+        needed: set[str] = set()
+        todo = [d for t in results if t.key not in self.done for d in t.deps]
+        while todo:  # every input an unfinished result needs, directly or through another
+            key = todo.pop()
+            if key not in needed and key in self.tasks:
+                needed.add(key)
+                todo.extend(self.tasks[key].deps)
         for t in self.tasks.values():
-            if t.kind in (BASE, ORACLE) and (t.key not in needed or is_done(t)):
-                self.done.add(t.key)
+            if t.kind in WORKER_KINDS and t.kind not in RESULT_KINDS:
+                if t.key not in needed or is_done(t):
+                    self.done.add(t.key)
 
     def todo(self, kinds: Iterable[str] = WORKER_KINDS) -> list[Task]:
         """The tasks of `kinds` still to do, in order."""
@@ -114,14 +136,16 @@ def expand(runner: Runner, *, report: bool = False) -> Graph:
         for k in range(opts.nexp):
             spec, split = runner.split_for(job, raw, opts.base_seed + k)
             path = runner.oracle_path(job, spec, split)
-            oracle = f"{ORACLE}:{path.name}"
+            oracle = f"{ORACLE}:{path}"
             layers[ORACLE].setdefault(
                 oracle, Task(oracle, ORACLE, str(path), (base,), job.index, k)
             )
             d = runner.run_dir(job, k)
             key = f"{RUN}:{job.folder}/{d.name}"
             layers[RUN][key] = Task(key, RUN, str(d), (base, oracle), job.index, k)
-    runs = tuple(layers[RUN])
+        for task in runner.evaluation_tasks(job):  # "evaluate": many models, U-LiRA
+            layers[task.kind].setdefault(task.key, task)
+    runs = tuple(layers[RUN]) + tuple(layers[EPSILON]) + tuple(layers[ULIRA])
     layers[SUMMARY][SUMMARY] = Task(SUMMARY, SUMMARY, str(opts.out / "summary.csv"), runs)
     if report:
         layers[REPORT][REPORT] = Task(REPORT, REPORT, str(opts.out / "report.md"), (SUMMARY,))
@@ -157,6 +181,7 @@ class Progress:
         tasks = [t for t in graph.tasks.values() if t.kind in WORKER_KINDS]
         done = sum(t.key in graph.done for t in tasks)
         self.quiet = quiet
+        self.finished_tasks: list[str] = []  # in the order they finished
         self.bar = tqdm(
             total=len(tasks), initial=done, desc=desc, unit="task", disable=True if quiet else None,
             dynamic_ncols=True, smoothing=0.1,
@@ -167,6 +192,7 @@ class Progress:
             say(text)
 
     def finished(self, task: Task, line: str) -> None:
+        self.finished_tasks.append(task.key)
         self.line(line)
         self.bar.update(1)
 
@@ -177,9 +203,16 @@ class Progress:
 __all__ = [
     "BASE",
     "DONE",
+    "EPSILON",
     "HELD",
     "KINDS",
+    "MODEL_ORACLE",
+    "MODEL_RUN",
     "ORACLE",
+    "RESULT_KINDS",
+    "SHADOW",
+    "SHADOW_BASE",
+    "ULIRA",
     "REPORT",
     "RUN",
     "SKIPPED",

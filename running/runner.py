@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 import metrics as M
+from core import rng
 from core.errors import UserError, did_you_mean
 from core.io import atomic_write_text, dumps, strict
 from core.locks import locked, try_locked
@@ -50,11 +51,13 @@ from datasets import (
     indices_hash,
     make_forget_spec,
     make_split,
+    pick_device,
 )
 from evaluation.replacement import relabelled, replacement_metrics
 from evaluation.repr_eval import FeatureCapture, ReprCache
 from methods import MethodContext, Monitor, copy_model
 from models import build_model
+from running import many_models
 from running.config import ExperimentConfig, parse_experiment
 from running.graph import (
     BASE,
@@ -96,6 +99,7 @@ from training.checkpoints import (
     versions,
 )
 from training.config import TrainConfig
+from training.cost import Work, count_work, machine, sidecar_cost
 from training.loop import EVAL_BATCH
 from training.mask import SaliencyMask
 from training.outputs import Outputs, collect_outputs
@@ -152,7 +156,8 @@ class RunnerOptions:
         values = dict(obj)
         for key in ("out", "ckpt_dir", "data_dir"):
             values[key] = None if values[key] is None else Path(values[key])
-        values["device"] = torch.device(values["device"])
+        # as main.py picks it: on CUDA this also puts cuDNN in deterministic mode
+        values["device"] = pick_device(values["device"])
         return cls(**values)
 
 
@@ -204,6 +209,7 @@ class Unlearned:
     mask: SaliencyMask | None
     mask_seconds: float
     unlearn_seconds: float
+    work: Work = field(default_factory=Work)  # mask and method (training/cost.py)
 
 
 # -- a run folder's files and its record of them ---------------------------------------------------
@@ -366,9 +372,19 @@ class Runner:
             self._models[key] = Checkpoint(model.eval(), meta, job.base_path)
         return self._models[key]
 
+    def load_model(self, path: Path) -> Checkpoint:
+        """A checkpoint loaded on the device, in eval mode (not kept)."""
+        model, meta = load_checkpoint(path, self.opts.device)
+        return Checkpoint(model.eval(), meta, path)
+
+    def evaluation_tasks(self, job: Job) -> list[Task]:
+        """The graph tasks of the experiment's ``"evaluate"`` (running/many_models.py)."""
+        return many_models.tasks(self, job)
+
     def base_key(self, job: Job) -> str:
-        """The graph key of the job's base model (its checkpoint's name)."""
-        return f"{BASE}:{checkpoint_stem(job.base_path).name}"
+        """The graph key of the job's base model: its checkpoint's path without the ending
+        (two folders may hold checkpoints of the same name)."""
+        return f"{BASE}:{checkpoint_stem(job.base_path)}"
 
     def oracle_path(self, job: Job, spec: ForgetSpec, split: Split) -> Path:
         """Where the retrain oracle of the job's base model and this forget set is cached."""
@@ -469,6 +485,8 @@ class Runner:
                 return False
             sha = _weights_sha256(read_meta(path))
             return _reusable_reference(reference_path(path), sha) is not None
+        if task.kind in many_models.KINDS:
+            return many_models.task_done(self, task)
         return False
 
     def skipped_lines(self, graph: Graph) -> list[str]:
@@ -489,6 +507,8 @@ class Runner:
         if task.kind == SUMMARY:
             self.write_summary(self.collect())
             return DONE, ""
+        if task.kind in many_models.KINDS:  # an experiment's "evaluate" (many_models.py)
+            return DONE, many_models.execute(self, task)
         if task.kind not in (BASE, ORACLE, RUN):
             raise ValueError(f"task {task.key}: the runner does not execute {task.kind} tasks")
         job = self.jobs[task.job]
@@ -572,33 +592,46 @@ class Runner:
         return Prepared(data, spec, split, base, self.oracle(job, base, spec, split))
 
     def unlearn(self, job: Job, prep: Prepared, seed: int) -> Unlearned:
+        return self.unlearn_from(job, prep.data, prep.split, prep.base, seed)
+
+    def unlearn_from(
+        self, job: Job, data: DeviceData, split: Split, base: Checkpoint, seed: int,
+        log: bool = True,
+    ) -> Unlearned:  # fmt: skip
+        """Unlearn `split`'s forget set from `base` with the experiment's method and `seed`
+        (also the many-model evaluation's models and U-LiRA's shadows: ``log=False``, no W&B
+        run of their own)."""
         cfg = job.cfg
         torch.manual_seed(seed)
-        model = copy.deepcopy(prep.base.model).train()
-        original = copy_model(prep.base.model)
-        recipe = TrainConfig.from_json(prep.base.meta["train"])
-        ctx = MethodContext(prep.data, prep.split, seed, original, recipe, prep.base.meta["model"])
-        self.wandb.start(f"{job.folder}_s{seed}", job.folder, cfg.to_json() | {"seed": seed})
-        monitor = Monitor(self.wandb.log, quiet=self.opts.quiet or not self.opts.verbose)
+        model = copy.deepcopy(base.model).train()
+        original = copy_model(base.model)
+        recipe = TrainConfig.from_json(base.meta["train"])
+        ctx = MethodContext(data, split, seed, original, recipe, base.meta["model"])
+        if log:
+            self.wandb.start(f"{job.folder}_s{seed}", job.folder, cfg.to_json() | {"seed": seed})
+        monitor = Monitor(self.wandb.log if log else None,
+                          quiet=self.opts.quiet or not self.opts.verbose or not log)  # fmt: skip
 
         settings = cfg.settings()
-        base_sha = _weights_sha256(prep.base.meta)  # a mask file names the base weights it fits
+        base_sha = _weights_sha256(base.meta)  # a mask file names the base weights it fits
         start = time.perf_counter()
         mask = None
-        if cfg.load_mask:
-            mask = SaliencyMask.load(cfg.load_mask, model, base_sha256=base_sha)
-        elif cfg.use_mask:
-            mask = SaliencyMask.compute(
-                model, prep.data, prep.split.forget, cfg.mask_thr, cfg.batch_size,
-                augment=settings.mask_augment, seed=seed, base_sha256=base_sha,
-            )  # fmt: skip
-        mask_seconds = time.perf_counter() - start
-        channels_last(model, self.opts.device)  # a conv net on CUDA (training/precision.py)
-        model = run_method(model, ctx, settings, mask, monitor)
-        contiguous(model)  # as saved
+        with count_work() as work:  # the mask's saliency pass is unlearning work too
+            if cfg.load_mask:
+                mask = SaliencyMask.load(cfg.load_mask, model, base_sha256=base_sha)
+            elif cfg.use_mask:
+                mask = SaliencyMask.compute(
+                    model, data, split.forget, cfg.mask_thr, cfg.batch_size,
+                    augment=settings.mask_augment, seed=rng.stream(seed, "mask/augment"),
+                    base_sha256=base_sha,
+                )  # fmt: skip
+            mask_seconds = time.perf_counter() - start
+            channels_last(model, self.opts.device)  # a conv net on CUDA (training/precision.py)
+            model = run_method(model, ctx, settings, mask, monitor)
+            contiguous(model)  # as saved
         # the per-epoch monitoring is bookkeeping, not unlearning work
         unlearn_seconds = time.perf_counter() - start - monitor.excluded_seconds
-        return Unlearned(model.eval(), original, mask, mask_seconds, unlearn_seconds)
+        return Unlearned(model.eval(), original, mask, mask_seconds, unlearn_seconds, work)
 
     def evaluate(
         self, job: Job, prep: Prepared, unl: Unlearned, seed: int
@@ -616,6 +649,8 @@ class Runner:
         oracle_outs, oracle_report = self.reference(prep.oracle, job, prep, seed)
         report = M.model_report(outs, seed, prep.data.num_classes)
         forget = prep.split.forget
+        here = machine(self.opts.device)
+        unlearn_cost = unl.work.to_json() | here | {"wall_seconds": unl.unlearn_seconds}
         result = RunResult(
             experiment=job.folder,
             index=job.index,
@@ -627,7 +662,7 @@ class Runner:
             oracle=oracle_report | {"l2_to_base": M.l2_distance(prep.oracle.model, unl.original)},
             base=base_report,
             gaps=M.oracle_comparison(report, oracle_report, outs, oracle_outs),
-            times=M.time_efficiency(unl.unlearn_seconds, float(prep.oracle.meta["train_seconds"]))
+            times=M.time_efficiency(unlearn_cost, sidecar_cost(prep.oracle.meta))
             | {"mask_time": unl.mask_seconds},
             mask_kept=unl.mask.kept_fraction() if unl.mask is not None else None,
             oracle_checkpoint=str(prep.oracle.path),
@@ -729,12 +764,13 @@ class Runner:
     # -- results -----------------------------------------------------------------------------
 
     def collect(self) -> list[RunResult]:
-        return [
+        """The finished runs, with their experiment's eps score and U-LiRA numbers."""
+        return many_models.attach(self, [
             RunResult.read(self.run_dir(job, k))
             for job in self.jobs
             for k in range(self.opts.nexp)
             if run_problem(self.run_dir(job, k)) is None  # verified, without a word
-        ]
+        ])  # fmt: skip
 
     def write_summary(self, results: list[RunResult]) -> list[dict[str, Any]]:
         rows = summarize(results, [j.folder for j in self.jobs])

@@ -53,6 +53,33 @@ DOCS = {
         "representation": "measure forgetting in the penultimate features (metrics.json repr: "
         "linear probe, kNN, CKA to the oracle); default true, false for large models",
         "tag": "experiment name (a folder name); default: built from method and forget set",
+        "tune": 'tune lr, epochs and method_args first (running/tune.py), e.g. {"trials": 20}: '
+        "Optuna minimises Avg. Gap to the oracle on another forget set; the best settings go "
+        "to tune/best_<experiment>.json and run next to the experiment (main.py --tune T)",
+        "evaluate": 'verdicts over many models, e.g. {"models": 32} or {"models": 32, "ulira": '
+        '{"shadows": 16}}: per-example epsilon and the NeurIPS 2023 score in '
+        "runs/<experiment>/epsilon/ (main.py --eval-models N sets models for every experiment)",
+    },
+    "EvaluateConfig": {
+        "models": "N: N retrain oracles (training seeds s..s+N-1) and N unlearned models "
+        "(unlearning seeds s..s+N-1) on one forget set, scored per forget example as the "
+        "NeurIPS 2023 unlearning competition does (epsilon.json: forgetting quality F and "
+        "score); null: off",
+        "ulira": "U-LiRA (Hayes et al. 2024): shadow models attack the N unlearned models; "
+        "needs models",
+    },
+    "TuneConfig": {
+        "trials": "Optuna TPE trials (trial 0: the experiment's own settings)",
+        "forget": "class-wise: the class (or classes) the trials forget, never an evaluated "
+        "one; null: the next class after the evaluated ones (random and index forget sets are "
+        "tuned on a second draw of the same size outside every evaluated forget set)",
+        "seed": "seed of the sampler, of the trial runs and of the second random draw",
+        "base_seeds": "recipe seeds of the base models the trials run on (objective: their "
+        "mean Avg. Gap); null: the experiment's base model",
+    },
+    "UliraConfig": {
+        "shadows": "K shadow base models, each trained on a random half of the pool and "
+        "unlearned with the experiment's method (cost: K half-pool trainings and K runs)",
     },
     "OptimizerConfig": {
         "name": "optimiser",

@@ -461,6 +461,12 @@ class SlurmLauncher:
                 return st
             time.sleep(poll_s)
 
+    def returned(self, status: TaskStatus) -> Any:
+        """The value a COMPLETED task's function returned (None otherwise), without asking
+        the queue again."""
+        outcome = self._outcome(status.job_id) if status.done else None
+        return outcome[1] if outcome is not None and outcome[0] == "success" else None
+
     def result(self, key: str) -> Any:
         """The value the task's function returned; UserError when it has none."""
         st = self.statuses([key])[key]

@@ -22,9 +22,24 @@ COLUMNS = [
     ("retain acc", ("metrics", "retain_acc"), 100),
     ("test acc", ("metrics", "test_acc"), 100),
     ("MIA eff.", ("metrics", "mia_efficacy"), 100),
+    # the 95% interval of MIA-Efficacy over its shadow draws, and the share of runs whose
+    # attack was degenerate or unstable (evaluation/mia.py)
+    ("MIA low", ("metrics", "mia_efficacy_low"), 100),
+    ("MIA high", ("metrics", "mia_efficacy_high"), 100),
+    ("MIA flagged", ("metrics", "mia_efficacy_flagged"), 1),
     ("avg gap", ("gaps", "avg_gap"), 1),
     ("time s", ("times", "unlearn_time"), 1),
+    ("passes/oracle", ("times", "sample_pass_ratio"), 1),
     ("time/oracle", ("times", "time_ratio"), 1),
+]
+# the many-model evaluation (running/many_models.py), per experiment: shown only when the
+# experiment has one; eps score and U-LiRA in %
+EVAL_COLUMNS = [
+    ("eps score", ("extra", "eps_score"), 100),
+    ("U-LiRA acc", ("extra", "ulira_acc"), 100),
+    ("U-LiRA AUC", ("extra", "ulira_auc"), 100),
+    ("U-LiRA TPR@1%", ("extra", "ulira_tpr_1pct"), 100),
+    ("U-LiRA TPR@0.1%", ("extra", "ulira_tpr_01pct"), 100),
 ]
 # forgetting in the representation (metrics.json repr, evaluation/repr_eval.py): shown only
 # when the runs measured it; the oracle rows take the oracle's own numbers
@@ -39,6 +54,9 @@ ORACLE_COLUMNS = {
     "retain acc": ("oracle", "retain_acc"),
     "test acc": ("oracle", "test_acc"),
     "MIA eff.": ("oracle", "mia_efficacy"),
+    "MIA low": ("oracle", "mia_efficacy_low"),
+    "MIA high": ("oracle", "mia_efficacy_high"),
+    "MIA flagged": ("oracle", "mia_efficacy_flagged"),
     "time s": ("times", "oracle_time"),
 }
 
@@ -87,6 +105,10 @@ def summarize(results: Sequence[RunResult], order: list[str]) -> list[dict[str, 
                 vals = [getattr(r, sect).get(key) for r in runs]
                 m, s = _mean_std([v * scale for v in vals if v is not None])
                 row[col] = (m, s)
+            for col, (sect, key), scale in EVAL_COLUMNS if who == "unlearned" else []:
+                vals = [_get(r, sect, key) for r in runs]
+                if any(v is not None for v in vals):
+                    row[col] = _mean_std([v * scale for v in vals if v is not None])
             for col, (sect, key), scale in REPR_COLUMNS if _has_repr(runs) else []:
                 sect = sect if who == "unlearned" else f"{sect}.oracle"
                 vals = [_get(r, sect, key) for r in runs]
@@ -106,7 +128,7 @@ def _fmt(ms: tuple[float, float] | None) -> str:
 
 def _headers(rows: list[dict[str, Any]]) -> list[str]:
     h = ["experiment", "runs"] + [c for c, _, _ in COLUMNS]
-    h += [c for c, _, _ in REPR_COLUMNS if any(c in r for r in rows)]
+    h += [c for c, _, _ in EVAL_COLUMNS + REPR_COLUMNS if any(c in r for r in rows)]
     return h + (["score"] if any("score" in r for r in rows) else [])
 
 
@@ -160,15 +182,13 @@ TERMINAL_COLUMNS = [
     ("avg gap", "gaps", "avg_gap", 1),
     ("time", "times", "unlearn_time", 1),
 ]
-TERMINAL_REPR = [  # only when the runs measured them
-    ("probe", "repr", "probe_forget_acc", 100),
-    ("kNN", "repr", "knn_forget_acc", 100),
-    ("CKA", "repr", "cka_oracle", 100),
+TERMINAL_EVAL = [  # only with a many-model evaluation: eps score in %
+    ("eps", "extra", "eps_score", 100),
 ]
+# a second block with the same rows, only when the runs measured the representation
+TERMINAL_REPR = [(h, "repr", k, 100) for h, (_, k), _ in REPR_COLUMNS]
 TERMINAL_ORACLE = {
-    "probe": ("repr.oracle", "probe_forget_acc"),
-    "kNN": ("repr.oracle", "knn_forget_acc"),
-    "CKA": ("repr.oracle", "cka_oracle"),
+    **{h: ("repr.oracle", k) for h, _, k, _ in TERMINAL_REPR},
     "forget": ("oracle", "forget_acc"),
     "retain": ("oracle", "retain_acc"),
     "test": ("oracle", "test_acc"),
@@ -216,16 +236,27 @@ def _cells(
     return out
 
 
-def to_terminal(results: Sequence[RunResult], order: list[str], width: int = TERMINAL_WIDTH) -> str:
+def to_terminal(
+    results: Sequence[RunResult],
+    order: list[str],
+    width: int = TERMINAL_WIDTH,
+    columns: list[tuple[str, str, str, int]] | None = None,
+) -> str:
     """Mean ± std per experiment over its seeds, at most `width` columns: each retrain oracle
     once, on the line above the first experiment that compares with it (experiments with the
     same forget set and base model share their oracles), names shortened only if they must be.
-    ``summary.md`` and ``summary.csv`` keep every column and a row per experiment and oracle."""
+    ``summary.md`` and ``summary.csv`` keep every column and a row per experiment and oracle.
+    When the runs measured the representation, a second block with the same rows follows
+    (`columns`: that block's)."""
     groups: dict[tuple[str, ...], str] = {}
     table: list[list[str]] = []
     counts: list[int] = []
-    any_score = any(r.challenge is not None for r in results)
-    columns = TERMINAL_COLUMNS + (TERMINAL_REPR if _has_repr(results) else [])
+    main = columns is None
+    any_score = main and any(r.challenge is not None for r in results)
+    columns = list(TERMINAL_COLUMNS) if columns is None else columns
+    if main and any("eps_score" in r.extra for r in results):  # next to the avg gap
+        at = [c[0] for c in columns].index("avg gap") + 1
+        columns = columns[:at] + TERMINAL_EVAL + columns[at:]
     for folder in order:
         runs = [r for r in results if r.experiment == folder]
         if not runs:
@@ -259,15 +290,18 @@ def to_terminal(results: Sequence[RunResult], order: list[str], width: int = TER
                 row[0] = row[0][: keep - keep // 2] + "…" + row[0][len(row[0]) - keep // 2 :]
     over = f"over {counts[0]} seed{'s' * (counts[0] > 1)}" if same else "over the runs"
     lines = [f"mean±std {over}: accuracies and MIA in %, avg gap in points, time in s"]
-    if columns is not TERMINAL_COLUMNS:
-        lines.append("probe, kNN: forget accuracy of a linear probe / kNN on the features, in %; "
-                     "CKA to the oracle x100")  # fmt: skip
+    if not main:
+        lines = [f"in the representation, mean±std {over}: accuracy of a linear probe and of kNN "
+                 "on the", "penultimate features in %, linear CKA to the oracle's features x100"]  # fmt: skip
     for n, row in enumerate([head, *table]):
         cells = [c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True)]
         lines.append((row[0].ljust(widths[0]) + "  " + " ".join(cells)).rstrip())
         if n == 0:
             lines.append("-" * widths[0] + "  " + " ".join("-" * w for w in widths[1:]))
-    return "\n".join(lines)
+    text = "\n".join(lines)
+    if main and _has_repr(results):
+        text += "\n\n" + to_terminal(results, order, width, TERMINAL_REPR)
+    return text
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

@@ -79,7 +79,9 @@ class WandbLogger:
         )
         try:
             self.run = wandb.init(
-                mode=self.mode, settings=wandb.Settings(init_timeout=30), **kwargs
+                mode=self.mode,  # type: ignore[arg-type]  # one of MODES, checked above
+                settings=wandb.Settings(init_timeout=30),
+                **kwargs,
             )
         except Exception as e:  # no network, bad key, service down: keep the experiment going
             if self.mode == "offline":
@@ -112,7 +114,7 @@ class WandbLogger:
 
         self.start(name, "summary", config)
         if self.run is not None:
-            self.run.log({name: wandb.Table(columns=columns, data=rows)})
+            self.run.log({name: wandb.Table(columns=list[Any](columns), data=rows)})
         self.finish()
 
 

@@ -16,8 +16,8 @@ process did before.
 
 ``--workers auto``: on CUDA one worker per GPU (times ``--tasks-per-gpu``); on CPU
 floor(usable cores / threads per task) workers, the usable cores being the CPU affinity of this
-process (``os.sched_getaffinity``); never more workers than tasks to do. One worker means no
-pool: the tasks run in this process.
+process (``os.sched_getaffinity``). Never more workers than the widest layer of the graph has
+tasks to do; one worker means no pool: the tasks run in this process.
 
 Lines a worker prints (training headers, ``-v`` epoch lines, warnings) are sent to this process,
 which prints them above the progress bar.
@@ -195,6 +195,8 @@ def _init_worker(slots: Any, lines: Any, threads: int) -> None:
     # Ctrl-C reaches the whole process group: the parent stops the pool, not each worker
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     if slots is not None:  # before anything starts CUDA in this process
+        if torch.cuda.is_initialized():
+            raise RuntimeError("CUDA started in a worker before it was pinned to its GPU")
         os.environ["CUDA_VISIBLE_DEVICES"] = str(slots.get())
     sys.stdout = sys.stderr = _Lines(lines)
     show_inner_bars(False)
@@ -334,13 +336,15 @@ def _stop(pool: ProcessPoolExecutor) -> None:
 
 def backend(plan: WorkerPlan) -> Backend:
     """The :meth:`Runner.run_all` backend of a plan: the tasks in this process, or on a pool
-    of at most as many workers as there are tasks to do (one task: no pool)."""
+    of at most as many workers as the widest layer has tasks to do (a chain of tasks, such as
+    one run that needs its oracle, runs in this process)."""
 
     def run(runner: Runner, graph: Graph, progress: Progress) -> None:
         todo = graph.todo()
         if not todo:
             return
-        n = min(plan.workers, len(todo))
+        widest = max(sum(t.kind == kind for t in todo) for kind in WORKER_KINDS)
+        n = min(plan.workers, widest)
         here = replace(plan, workers=n, gpus=plan.gpus[:n]) if n > 1 else replace(
             plan, workers=1, gpus=(), device=str(runner.opts.device))  # fmt: skip
         counts = ", ".join(f"{sum(t.kind == kind for t in todo)} {kind}" for kind in WORKER_KINDS

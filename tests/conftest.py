@@ -7,6 +7,7 @@ The CLI tests pass the same folder as ``--data-dir`` so the subprocesses read th
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,9 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # The test models are tiny: one intra-op thread is as fast as two on a 2-core machine, and
 # OpenMP's spinning threads slow down up to 100x when the cores are shared with other jobs.
 torch.set_num_threads(1)
+# main.py runs in this process unless a test asks for worker processes (--workers): a spawned
+# worker imports torch again (seconds each) and does not see a test's monkeypatches
+os.environ.setdefault("UNLEARNING_WORKERS", "1")
 
 # A configuration small enough that a training test takes about a second on two CPU cores.
 TINY = TrainConfig(model="lenet", dataset="mnist5k", epochs=1, batch_size=128)

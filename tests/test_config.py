@@ -530,7 +530,7 @@ def test_schema_describes_every_key_and_every_method() -> None:
 
     schema = experiment_schema()
     defs = schema["$defs"]
-    for name in ("Experiment", "TrainConfig", "OptimizerConfig"):
+    for name in ("Experiment", "TrainConfig", "OptimizerConfig", "PretrainConfig"):
         assert defs[name]["additionalProperties"] is False
         for key, prop in defs[name]["properties"].items():
             assert prop.get("description"), (name, key)
@@ -565,7 +565,11 @@ def test_every_key_of_the_shipped_experiment_files_is_in_the_schema() -> None:
     defs = experiment_schema()["$defs"]
     known = {f"{k}" for k in defs["Experiment"]["properties"]}
     known |= {f"checkpoint.{k}" for k in defs["TrainConfig"]["properties"]}
+    known |= {f"checkpoint.pretrain.{k}" for k in defs["PretrainConfig"]["properties"]}
     known |= {f"optimizer.{k}" for k in defs["OptimizerConfig"]["properties"]}
+    known |= {f"tune.{k}" for k in defs["TuneConfig"]["properties"]}
+    known |= {f"evaluate.{k}" for k in defs["EvaluateConfig"]["properties"]}
+    known |= {f"evaluate.ulira.{k}" for k in defs["UliraConfig"]["properties"]}
     known |= {f"checkpoint.dataset_args.{k}" for k in ("split", "unlabeled")}
     replace = defs["Experiment"]["properties"]["replace_class"]["anyOf"][0]["properties"]
     known |= {f"replace_class.{k}" for k in replace}

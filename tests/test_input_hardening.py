@@ -494,7 +494,7 @@ def test_ctrl_c_in_main_says_how_to_resume(
 ) -> None:
     from running import runner
 
-    def interrupted(self: Any) -> Any:
+    def interrupted(self: Any, *backend: Any) -> Any:
         raise KeyboardInterrupt
 
     monkeypatch.setattr(runner.Runner, "run_all", interrupted)

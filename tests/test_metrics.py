@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import metrics as M
+from evaluation.mia import stable_salun_mia
 
 
 def make_outputs(logits, labels, indices=None) -> M.Outputs:
@@ -222,19 +223,21 @@ def test_memorised_forget_set_is_caught() -> None:
     forget = binary_with_losses(rng.uniform(1e-4, 1e-2, 300))
     retain = binary_with_losses(rng.uniform(1e-4, 1e-2, 600))
     test = binary_with_losses(rng.uniform(1.0, 4.0, 400))
-    r = M.loss_mia(forget, test, seed=0)
+    r = M.loss_mia(forget, test, seed=0, draws=3)
     assert r["loss_mia_acc"] > 0.95
     assert r["loss_mia_auc"] > 0.99
-    s = M.salun_mia(retain, test, forget, seed=0)
-    assert set(s) == {"mia_confidence", "mia_entropy", "mia_m_entropy", "mia_loss", "mia_efficacy"}
-    assert s["mia_efficacy"] == s["mia_confidence"]
-    for key, value in s.items():
+    assert r["loss_mia_acc_low"] <= r["loss_mia_acc"] <= r["loss_mia_acc_high"]
+    s = M.salun_mia(retain, test, forget, seed=0, draws=3)
+    values = {k: v for k, v in s.items() if k in {f"mia_{f}" for f in M.MIA_FEATURES}}
+    assert set(values) == {"mia_confidence", "mia_entropy", "mia_m_entropy", "mia_loss"}
+    assert s["mia_efficacy"] == s["mia_confidence"] and s["mia_efficacy_draws"] == 3.0
+    for key, value in values.items():
         assert value < 0.05, key
     # a forget set that looks like unseen data is declared a non-member
     forgotten = binary_with_losses(rng.uniform(1.0, 4.0, 300))
-    s2 = M.salun_mia(retain, test, forgotten, seed=0)
-    for key, value in s2.items():
-        assert value > 0.95, key
+    s2 = M.salun_mia(retain, test, forgotten, seed=0, draws=3)
+    for key in values:
+        assert s2[key] > 0.95, key
 
 
 def test_salun_mia_seeded_and_capped() -> None:
@@ -242,15 +245,31 @@ def test_salun_mia_seeded_and_capped() -> None:
     retain = binary_with_losses(rng.exponential(0.3, 500) + 1e-3)
     test = binary_with_losses(rng.exponential(1.0, 300) + 1e-3)
     forget = binary_with_losses(rng.exponential(0.6, 100) + 1e-3)
-    a = M.salun_mia(retain, test, forget, seed=5, max_per_side=50)
-    b = M.salun_mia(retain, test, forget, seed=5, max_per_side=50)
+    a = M.salun_mia(retain, test, forget, seed=5, max_per_side=50, draws=4)
+    b = M.salun_mia(retain, test, forget, seed=5, max_per_side=50, draws=4)
     assert a == b
-    serial = M.salun_mia(retain, test, forget, seed=5, max_per_side=50, n_jobs=1)
+    serial = M.salun_mia(retain, test, forget, seed=5, max_per_side=50, n_jobs=1, draws=4)
     assert serial == a
-    only = M.salun_mia(retain, test, forget, seed=5, features=("loss",))
-    assert set(only) == {"mia_loss", "mia_confidence", "mia_efficacy"}
-    empty = M.salun_mia(retain, test, M.concat_outputs(), seed=5)
-    assert all(math.isnan(v) for v in empty.values())
+    assert a["mia_efficacy_low"] <= a["mia_efficacy"] <= a["mia_efficacy_high"]
+    only = M.salun_mia(retain, test, forget, seed=5, features=("loss",), draws=2)
+    assert {"mia_loss", "mia_confidence", "mia_efficacy"} <= set(only)
+    assert "mia_entropy" not in only
+    empty = M.salun_mia(retain, test, M.concat_outputs(), seed=5, draws=2)
+    assert all(math.isnan(empty[f"mia_{k}"]) for k in M.MIA_FEATURES)
+
+
+def test_other_features_take_the_first_draw_of_the_stable_attack() -> None:
+    rng = np.random.default_rng(4)
+    retain = binary_with_losses(rng.exponential(0.3, 400) + 1e-3)
+    test = binary_with_losses(rng.exponential(1.0, 300) + 1e-3)
+    forget = binary_with_losses(rng.exponential(0.6, 100) + 1e-3)
+    many = M.salun_mia(retain, test, forget, seed=2, draws=5)
+    one = M.salun_mia(retain, test, forget, seed=2, draws=1)
+    for k in ("entropy", "m_entropy", "loss"):
+        assert many[f"mia_{k}"] == one[f"mia_{k}"], k  # draw 0 either way
+    draws = stable_salun_mia(retain, test, forget, seed=2, draws=5)["confidence"].values
+    assert one["mia_efficacy"] == draws[0]
+    assert many["mia_efficacy"] == pytest.approx(float(np.mean(draws)), abs=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -430,10 +449,28 @@ def test_oracle_comparison_hand_values() -> None:
     assert math.isnan(nan_gap["avg_gap"])
 
 
-def test_time_efficiency() -> None:
-    assert M.time_efficiency(30.0, 120.0) == {
-        "unlearn_time": 30.0,
-        "oracle_time": 120.0,
-        "time_ratio": 0.25,
-    }
-    assert math.isnan(M.time_efficiency(1.0, 0.0)["time_ratio"])
+def test_time_efficiency_ratios_and_machine_rule() -> None:
+    oracle = {"backward_samples": 36000, "forward_samples": 4000, "steps": 290,
+              "wall_seconds": 120.0, "cpu_seconds": 100.0, "host": "a", "device": "cpu",
+              "threads": 1}  # fmt: skip
+    run = {"backward_samples": 9000, "forward_samples": 0, "steps": 29, "wall_seconds": 30.0,
+           "cpu_seconds": 20.0, "host": "a", "device": "cpu", "threads": 1}  # fmt: skip
+    t = M.time_efficiency(run, oracle)
+    assert t["sample_pass_ratio"] == 0.25 and t["step_ratio"] == 0.1
+    assert t["time_ratio"] == 0.25 and t["time_ratio_note"] == ""
+    assert (t["unlearn_time"], t["oracle_time"], t["oracle_cpu_time"]) == (30.0, 120.0, 100.0)
+    assert t["unlearn_backward_samples"] == 9000 and t["oracle_steps"] == 290
+    assert "cost_note" not in t
+    # another machine or thread count: the wall-time ratio is withheld, and said why
+    other = M.time_efficiency(run | {"threads": 2}, oracle)
+    assert (
+        other["time_ratio"] is None and "CPU threads 1, this run used 2" in other["time_ratio_note"]
+    )
+    assert other["sample_pass_ratio"] == 0.25  # the counts do not care
+    host = M.time_efficiency(run, oracle | {"host": "b"})
+    assert host["time_ratio"] is None and "host b" in host["time_ratio_note"]
+    # an oracle cached before work was counted: NaN ratios with a note, never silently
+    old = M.time_efficiency(run, {"wall_seconds": 120.0, "device": "cpu", "threads": 1})
+    assert math.isnan(old["sample_pass_ratio"]) and math.isnan(old["step_ratio"])
+    assert "records no work counts" in old["cost_note"]
+    assert old["time_ratio"] is None and "oracle records no host" in old["time_ratio_note"]

@@ -86,8 +86,9 @@ def numbers(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def started(stderr: str) -> list[str]:
-    """The runs a CLI invocation started (its "== <folder> seed <k>: ..." lines)."""
-    return [line for line in stderr.splitlines() if line.startswith("== ")]
+    """The runs a CLI invocation did (its "== <folder> seed <k>: <method> on <data> | ..."
+    result lines, up to the numbers)."""
+    return [line.split(" | ")[0] for line in stderr.splitlines() if line.startswith("== ")]
 
 
 def strict_json(path: Path) -> Any:

@@ -80,17 +80,18 @@ def test_t_interval_known_values() -> None:
     assert math.isnan(t_interval([]).mean)
 
 
-def test_one_draw_is_metrics_salun_mia_and_loss_mia() -> None:
+def test_report_attacks_are_the_mean_of_the_draws() -> None:
+    # one implementation: metrics.salun_mia / loss_mia average exactly these single draws
     retain, test, forget = overlapping(0)
-    for seed in draw_seeds(5, "salun", 3):
-        want = M.salun_mia(retain, test, forget, seed, features=("confidence",))["mia_efficacy"]
-        feats = [M.mia_features(o, "confidence") for o in (retain, test, forget)]
-        assert salun_draw(feats[0], feats[1], feats[2], seed).efficacy == want
-    for seed in draw_seeds(5, "loss", 2):
-        want_loss = M.loss_mia(forget, test, seed)
-        got = loss_draw(forget.losses.double().numpy(), test.losses.double().numpy(), seed)
-        assert got.acc == want_loss["loss_mia_acc"] and got.auc == want_loss["loss_mia_auc"]
-        assert len(got.fold_accs) == 10
+    feats = [M.mia_features(o, "confidence") for o in (retain, test, forget)]
+    effs = [salun_draw(*feats, seed).efficacy for seed in draw_seeds(5, "salun", 3)]
+    got = M.salun_mia(retain, test, forget, 5, features=("confidence",), draws=3)
+    assert got["mia_efficacy"] == pytest.approx(float(np.mean(effs)), abs=1e-15)
+    assert got["mia_efficacy_std"] == pytest.approx(float(np.std(effs, ddof=1)), abs=1e-15)
+    f_loss, t_loss = forget.losses.double().numpy(), test.losses.double().numpy()
+    accs = [loss_draw(f_loss, t_loss, seed).acc for seed in draw_seeds(5, "loss", 2)]
+    assert M.loss_mia(forget, test, 5, draws=2)["loss_mia_acc"] == pytest.approx(np.mean(accs))
+    assert len(loss_draw(f_loss, t_loss, 0).fold_accs) == 10
 
 
 def test_draw_seeds_are_independent_streams() -> None:

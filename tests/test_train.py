@@ -35,7 +35,7 @@ from running.config import load_experiments
 from training import loop as training
 from training import recipe as train_mod
 from training.checkpoints import load_checkpoint, read_meta
-from training.config import TrainConfig
+from training.config import PretrainConfig, TrainConfig
 from training.loop import eval_accuracy, fit
 from training.recipe import (
     RECIPE_HASH_CHARS,
@@ -523,6 +523,8 @@ CHANGED: dict[str, Any] = {
     "split_seed": 1,
     "val_fraction": 0.2,
     "classes": [0, 1],
+    "pretrain": PretrainConfig(),
+    "finetune": "linear",
 }
 
 
@@ -532,6 +534,8 @@ def test_every_recipe_field_changes_the_cache_name() -> None:
     for key, value in CHANGED.items():
         # dataset arguments need a dataset that takes one: compare against emnist's default
         start = TrainConfig(dataset="emnist") if key == "dataset_args" else TrainConfig()
+        # and the fine-tuning mode one that pretrains (names["pretrain"]: full fine-tuning)
+        start = TrainConfig(pretrain=PretrainConfig()) if key == "finetune" else start
         names[key] = base_checkpoint_name(dataclasses.replace(start, **{key: value}))
     names["emnist"] = base_checkpoint_name(TrainConfig(dataset="emnist"))
     assert len(set(names.values())) == len(names), names

@@ -198,4 +198,12 @@ def machine(device: torch.device | str) -> dict[str, Any]:
     return {"host": platform.node(), "device": str(device), "threads": torch.get_num_threads()}
 
 
-__all__ = ["COUNTS", "Work", "count_work", "machine", "not_counted"]
+def sidecar_cost(meta: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's cost record from its sidecar: the counted work (absent from sidecars
+    written before counting), the wall time ``train_seconds`` and where it ran."""
+    rec: dict[str, Any] = dict(meta.get("cost") or {})
+    rec["wall_seconds"] = meta.get("train_seconds")
+    return rec | {k: meta.get(k) for k in ("host", "device", "threads")}
+
+
+__all__ = ["COUNTS", "Work", "count_work", "machine", "not_counted", "sidecar_cost"]

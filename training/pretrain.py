@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,7 @@ from models import build_model
 from training.byol import ByolConfig, ByolResult, pretrain_byol
 from training.checkpoints import build_once, load_checkpoint, save_checkpoint, versions
 from training.config import PRETRAIN_ORACLES, PretrainConfig, TrainConfig
+from training.cost import COUNTS, count_work
 from training.loop import FitResult, fit
 
 ENCODERS = "encoders"  # the encoder cache's folder under a checkpoint folder
@@ -180,14 +182,14 @@ def encoder_name(key: dict[str, Any], excluded: Tensor) -> str:
     return f"{key['model']}_{key['dataset']}_{p['method']}_s{p['seed']}_{digest}_{what}"
 
 
+@dataclass
 class Encoder:
     """A pretrained encoder (the whole model, its classifier as initialised) and its record."""
 
-    def __init__(self, model: nn.Module, meta: dict[str, Any], path: Path, built: bool) -> None:
-        self.model = model
-        self.meta = meta
-        self.path = path
-        self.built = built  # pretrained by this call (False: loaded from the cache)
+    model: nn.Module
+    meta: dict[str, Any]  # its sidecar
+    path: Path  # its cache entry (a checkpoint stem)
+    built: bool  # pretrained by this call (False: loaded from the cache)
 
 
 def pretrained_encoder(
@@ -224,10 +226,11 @@ def pretrained_encoder(
         torch.manual_seed(cfg.seed)  # the same initialisation as a supervised-only model
         model = build_model(model_name, raw.num_classes, raw.in_chans).to(device)
         bank = split.retain if source == "unlabeled" else None  # labelled, for the kNN monitor
-        result = pretrain_byol(
-            model, pdata, images, split.val, bcfg, source=source, bank_idx=bank, desc=desc,
-            on_batch=on_batch, log=log,
-        )  # fmt: skip
+        with count_work() as work:  # training/cost.py (the kNN monitor's passes included)
+            result = pretrain_byol(
+                model, pdata, images, split.val, bcfg, source=source, bank_idx=bank, desc=desc,
+                on_batch=on_batch, log=log,
+            )  # fmt: skip
         meta = {
             "model": model_name,
             "dataset": cfg.dataset,
@@ -242,6 +245,7 @@ def pretrained_encoder(
             "excluded_sha256": indices_hash(excluded),
             "tau_schedule": TAU_SCHEDULE,
             "byol": _result_json(result),
+            "cost": work.to_json(),
             "device": str(device),
             "threads": torch.get_num_threads(),
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -302,6 +306,14 @@ def pretrain_record(
             rec["shared_with_base"] = True
             rec["approximation"] = APPROXIMATION
     return rec
+
+
+def with_pretraining(cost: dict[str, Any], encoder_cost: Any) -> dict[str, Any]:
+    """A fine-tuning's counted work plus its encoder's pretraining (when that is recorded)."""
+    if not isinstance(encoder_cost, dict) or not all(k in encoder_cost for k in COUNTS):
+        return cost
+    keys = (*COUNTS, "wall_seconds", "cpu_seconds")
+    return cost | {k: cost[k] + encoder_cost[k] for k in keys if k in cost and k in encoder_cost}
 
 
 def oracle_approximation(meta: dict[str, Any]) -> str | None:
@@ -384,4 +396,5 @@ __all__ = [
     "pretraining_indices",
     "resolved_pretrain",
     "shares_encoder",
+    "with_pretraining",
 ]

@@ -40,6 +40,7 @@ from training.pretrain import (
     pretraining_indices,
     resolved_pretrain,
     shares_encoder,
+    with_pretraining,
 )
 
 RECIPE_HASH_CHARS = 10  # hex digits of the recipe hash in a base model's cache name
@@ -154,7 +155,7 @@ def train_checkpoint(
             f"({len(split.forget)} forgotten), {cfg.epochs} epochs, device {device}"
         )
     pre: dict[str, Any] = {}
-    pretrain_seconds = 0.0
+    pretrain_seconds, pretrain_cost = 0.0, None
     if cfg.pretrain is not None:
 
         def byol_log(row: dict[str, float]) -> None:
@@ -178,6 +179,7 @@ def train_checkpoint(
         # one that needed none for this forget set (shared, or disjoint data) does not
         if not oracle or (source == "train" and not shared):
             pretrain_seconds = float(enc.meta["byol"]["seconds"])
+            pretrain_cost = enc.meta.get("cost")
         torch.manual_seed(cfg.seed)  # the fine-tuning starts alike from a cached encoder
         result = finetune(model, data, split, cfg, desc=stem, log=log)
         extra_meta = pre | (extra_meta or {})
@@ -210,8 +212,8 @@ def train_checkpoint(
         "best_epoch": result.best_epoch,
         "epochs_run": result.epochs_run,
         "train_seconds": round(result.seconds + pretrain_seconds, 3),
-        # the work of this training (training/cost.py; self-supervised pretraining excluded)
-        "cost": result.work.to_json(),
+        # the work of this training (training/cost.py), with the pretraining it needed
+        "cost": with_pretraining(result.work.to_json(), pretrain_cost),
         "history": result.history,
         "device": str(device),
         "threads": torch.get_num_threads(),

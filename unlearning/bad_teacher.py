@@ -11,7 +11,7 @@ KL is averaged per sample, ``batchmean``, rather than per logit).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,10 @@ from training.mask import SaliencyMask
 
 @dataclass(frozen=True)
 class BadTeacherArgs:
-    temperature: float = 1.0  # KL temperature of both teachers and the student (paper: 1)
-    retain_fraction: float = 0.3  # share of the retain set mixed with forget (paper: 0.3)
+    # KL temperature of both teachers and the student (paper: 1)
+    temperature: float = field(default=1.0, metadata={"search": ("log", 0.5, 8.0)})
+    # share of the retain set mixed with forget (paper: 0.3)
+    retain_fraction: float = field(default=0.3, metadata={"search": ("float", 0.1, 1.0)})
 
     def check(self, where: str) -> None:
         if not self.temperature > 0:
@@ -44,7 +46,11 @@ def incompetent_teacher(ctx: MethodContext) -> nn.Module:
     return copy_model(model)
 
 
-@register("bad_teacher", args=BadTeacherArgs)
+@register(
+    "bad_teacher",
+    args=BadTeacherArgs,
+    search={"lr": ("log", 1e-5, 1e-2), "epochs": ("int", 1, 5)},
+)
 def bad_teacher(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
 ) -> nn.Module:

@@ -11,7 +11,7 @@ with cross-entropy on the forget set with these labels. Only the forget set is u
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +24,10 @@ from training.mask import SaliencyMask
 
 @dataclass(frozen=True)
 class BoundaryShrinkArgs:
-    eps: float = 0.1  # L-inf bound of the attack in normalised input units (paper code: 0.1)
-    steps: int = 1  # attack steps of size eps / steps; 1 = FGSM
+    # L-inf bound of the attack in normalised input units (paper code: 0.1)
+    eps: float = field(default=0.1, metadata={"search": ("log", 0.01, 1.0)})
+    # attack steps of size eps / steps; 1 = FGSM
+    steps: int = field(default=1, metadata={"search": ("int", 1, 5)})
 
     def check(self, where: str) -> None:
         if not self.eps > 0:
@@ -47,7 +49,11 @@ def nearest_wrong_label(net: nn.Module, x: Tensor, y: Tensor, eps: float, steps:
     return logits.scatter(1, y.unsqueeze(1), float("-inf")).argmax(1)
 
 
-@register("boundary_shrink", args=BoundaryShrinkArgs)
+@register(
+    "boundary_shrink",
+    args=BoundaryShrinkArgs,
+    search={"lr": ("log", 1e-5, 1e-2), "epochs": ("int", 1, 10)},
+)
 def boundary_shrink(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
 ) -> nn.Module:

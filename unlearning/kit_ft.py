@@ -11,7 +11,7 @@ lr, epochs and optimizer do not apply (declared: setting them is an error); ``me
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn, optim
@@ -22,8 +22,10 @@ from unlearning.kit import register_challenge_method
 
 @dataclass(frozen=True)
 class KitFTArgs:
-    epochs: int = 5  # passes over retain (the kit: 5)
-    lr: float = 0.001  # SGD learning rate, cosine-annealed to 0 (the kit: 0.001)
+    # passes over retain (the kit: 5)
+    epochs: int = field(default=5, metadata={"search": ("int", 1, 10)})
+    # SGD learning rate, cosine-annealed to 0 (the kit: 0.001)
+    lr: float = field(default=0.001, metadata={"search": ("log", 1e-4, 0.1)})
 
     def check(self, where: str) -> None:
         if self.epochs < 0:

@@ -9,7 +9,7 @@ The penalty covers every parameter, as their ``l1_regularization`` does.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -24,7 +24,7 @@ class L1SparseArgs:
     # initial L1 strength, the paper code's 5e-4 (with lr 0.01, 10 epochs on CIFAR-10). LeNet on
     # mnist5k forgets class 7 with it at lr 0.05 over 5 epochs (forget acc 3%, see
     # exp/compare.json); at lr 0.01-0.02 the forget accuracy stays at 50-60%
-    alpha: float = 5e-4
+    alpha: float = field(default=5e-4, metadata={"search": ("log", 1e-5, 1e-2)})
 
     def check(self, where: str) -> None:
         if not self.alpha >= 0:
@@ -35,7 +35,9 @@ def l1_norm(model: nn.Module) -> Tensor:
     return torch.cat([p.reshape(-1) for p in model.parameters() if p.requires_grad]).abs().sum()
 
 
-@register("l1_sparse", args=L1SparseArgs)
+@register(
+    "l1_sparse", args=L1SparseArgs, search={"lr": ("log", 1e-3, 0.2), "epochs": ("int", 1, 10)}
+)
 def l1_sparse(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
 ) -> nn.Module:

@@ -27,7 +27,7 @@ re-drawn; the others keep their values, and the fine-tuning guard keeps them the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 
 import torch
@@ -42,9 +42,11 @@ from unlearning._constraints import allowed, allowed_mask
 
 @dataclass(frozen=True)
 class PruneReinitArgs:
-    amount: float = 0.995  # share of conv/linear weights and biases pruned (the kit: 0.995)
+    # share of conv/linear weights and biases pruned (the kit: 0.995)
+    amount: float = field(default=0.995, metadata={"search": ("float", 0.5, 0.995)})
     class_weight_power: float = -0.1  # CE class weights = retain class counts ** power
-    entropy_weight: float = 1.0  # weight of the entropy MSE term (the kit: 1)
+    # weight of the entropy MSE term (the kit: 1)
+    entropy_weight: float = field(default=1.0, metadata={"search": ("log", 0.1, 10.0)})
     # iteration budget in (possibly fractional) passes over retain; 0 = the experiment's epochs
     budget_epochs: float = 0.0
 
@@ -102,7 +104,11 @@ def entropy(logits: Tensor) -> Tensor:
     return -(F.softmax(logits, 1) * F.log_softmax(logits, 1)).sum(1)
 
 
-@register("prune_reinit", args=PruneReinitArgs)
+@register(
+    "prune_reinit",
+    args=PruneReinitArgs,
+    search={"lr": ("log", 1e-3, 0.2), "epochs": ("int", 1, 10)},
+)
 def prune_reinit(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
 ) -> nn.Module:

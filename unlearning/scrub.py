@@ -15,7 +15,7 @@ The max step is unbounded: on LeNet (unnormalised linear layers) SGD makes the l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -29,9 +29,11 @@ from training.mask import SaliencyMask
 @dataclass(frozen=True)
 class SCRUBArgs:
     T: float = 4.0  # distillation temperature (kd_T)
-    alpha: float = 0.001  # weight of KL(teacher || student) in the min step on retain
+    # weight of KL(teacher || student) in the min step on retain
+    alpha: float = field(default=0.001, metadata={"search": ("log", 1e-4, 1.0)})
     gamma: float = 0.99  # weight of the cross-entropy in the min step on retain
-    msteps: int = 2  # the first msteps epochs also take the max step on forget
+    # the first msteps epochs also take the max step on forget
+    msteps: int = field(default=2, metadata={"search": ("int", 1, 5)})
     forget_batch_size: int = 32  # batch size of the max step (their del_batch_size); 0 = batch_size
 
     def check(self, where: str) -> None:
@@ -56,7 +58,7 @@ def distill_kl(student: Tensor, teacher: Tensor, T: float) -> Tensor:
     )  # fmt: skip
 
 
-@register("scrub", args=SCRUBArgs)
+@register("scrub", args=SCRUBArgs, search={"lr": ("log", 1e-5, 1e-2), "epochs": ("int", 1, 10)})
 def scrub(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
 ) -> nn.Module:

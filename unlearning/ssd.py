@@ -15,7 +15,7 @@ which weights may be dampened.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +32,9 @@ class SSDArgs:
     # selection: dampen where imp_forget > alpha * imp_full. The paper's 10 (ResNet-18, CIFAR)
     # is on the edge for LeNet on mnist5k: class 7 forget accuracy 8% on one 20-epoch base, 59%
     # on another. 5 forgets it on both (0%, test accuracy -0.4 / -0.9 points); 3 dampens too much
-    alpha: float = 5.0
-    lam: float = 1.0  # dampening constant: beta = min(lam * imp_full / imp_forget, 1)
+    alpha: float = field(default=5.0, metadata={"search": ("log", 1.0, 50.0)})
+    # dampening constant: beta = min(lam * imp_full / imp_forget, 1)
+    lam: float = field(default=1.0, metadata={"search": ("log", 0.1, 10.0)})
 
     def check(self, where: str) -> None:
         if not self.alpha > 0:

@@ -29,7 +29,7 @@ zero, i.e. away from theta_0). The SalUn mask and ``frozen`` apply as for every 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -42,11 +42,13 @@ from training.mask import SaliencyMask
 
 @dataclass(frozen=True)
 class UniformForgetArgs:
-    true_mass: float = 0.02  # target probability left on a forget sample's own class
+    # target probability left on a forget sample's own class
+    true_mass: float = field(default=0.02, metadata={"search": ("float", 0.0, 0.1)})
     retain_weight: float = 1.0  # cross-entropy on the retain batch
     distill_weight: float = 0.0  # KL(original || model) on the retain batch
     l2_weight: float = 0.0  # penalty on the squared L2 distance to the original weights
-    max_l2: float = 1.2  # radius of the L2 trust region around the original weights; 0 = none
+    # radius of the L2 trust region around the original weights; 0 = none
+    max_l2: float = field(default=1.2, metadata={"search": ("float", 0.3, 5.0)})
     forget_batch_size: int = 0  # 0 = the experiment's batch_size
     bn_eval: bool = True  # keep BatchNorm running statistics (train with BN in eval mode)
     augment: bool = True  # random crops/flips of the dataset on both batches
@@ -86,7 +88,11 @@ def project_l2(params: list[tuple[nn.Parameter, Tensor]], radius: float, tr: Tra
     return dist
 
 
-@register("uniform_forget", args=UniformForgetArgs)
+@register(
+    "uniform_forget",
+    args=UniformForgetArgs,
+    search={"lr": ("log", 1e-3, 0.1), "epochs": ("int", 1, 10)},
+)
 def uniform_forget(
     model: nn.Module, ctx: MethodContext, cfg: Settings, mask: SaliencyMask | None, monitor: Monitor
 ) -> nn.Module:
