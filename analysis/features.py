@@ -55,7 +55,7 @@ from core.cli_options import (
     new_parser,
 )
 from core.errors import UserError, cli
-from core.io import dumps, write_json
+from core.io import atomic_write_with, dumps, write_json
 from datasets import DeviceData, ForgetSpec, RawData, indices_hash, make_split, pick_device
 from training.checkpoints import (
     checkpoint_exists,
@@ -163,16 +163,16 @@ def find_checkpoints(src: Path, search: Iterable[Path] = ()) -> list[Found]:
             found[key].role, found[key].run = "unlearned", m
         run_dir = run_folder_of(mpath.parent)
         for role, field in (("base", "base_checkpoint"), ("oracle", "oracle_checkpoint")):
-            stem = resolve_checkpoint(m.get(field), run_dir, search)
-            if stem is None:
+            ref = resolve_checkpoint(m.get(field), run_dir, search)
+            if ref is None:
                 print(
                     f"warning: {mpath}: {field} {m.get(field)} not found; skipped",
                     file=sys.stderr,
                 )
                 continue
-            k = checkpoint_key(stem)
+            k = checkpoint_key(ref)
             if k not in found:
-                found[k] = Found(stem, Path("refs") / role / f"{stem.name}.npz", role)
+                found[k] = Found(ref, Path("refs") / role / f"{ref.name}.npz", role)
             elif found[k].role == "checkpoint":
                 found[k].role = role
     return list(found.values())
@@ -210,7 +210,8 @@ def sample_pool(
 
 def classifier_of(model: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """Weights and bias of the final linear layer: ``get_classifier()``, else the last Linear."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)
+    head = get_classifier() if callable(get_classifier) else None
     if not isinstance(head, nn.Linear):
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
         if not linears:
@@ -231,12 +232,13 @@ def extract(
     ``forward_head(pre_logits=True)``), flattened to one vector per image."""
     was_training = model.training
     model.eval()
+    net: Any = model  # every model here exposes timm's forward_features / forward_head
     feats, logits = [], []
     try:
         for x, _, _ in data.batches(idx, batch_size, source="train"):
-            body = model.forward_features(x)
-            f = model.forward_head(body, pre_logits=True)
-            logits.append(model.forward_head(body).float().cpu())
+            body = net.forward_features(x)
+            f = net.forward_head(body, pre_logits=True)
+            logits.append(net.forward_head(body).float().cpu())
             feats.append(f.reshape(f.shape[0], -1).float().cpu())
     finally:
         model.train(was_training)
@@ -253,10 +255,13 @@ def forget_membership(forget: Sequence[int], n_pool: int, idx: Tensor) -> np.nda
 
 def save_features(path: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> None:
     """Write one compressed .npz atomically (``meta`` as a 0-d unicode array, no pickle)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, meta=np.array(dumps(meta, indent=None)), **arrays)
-    tmp.replace(path)
+    everything = {"meta": np.array(dumps(meta, indent=None))} | arrays
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:  # a file object: numpy appends no ".npz" to the name
+            np.savez_compressed(f, **everything)  # type: ignore[arg-type]
+
+    atomic_write_with(path, write)
 
 
 @dataclass
@@ -410,7 +415,7 @@ def extract_features(
             "base_checkpoint": run.get("base_checkpoint", meta.get("base_checkpoint")),
             "oracle_checkpoint": run.get("oracle_checkpoint"),
         }
-        arrays = {
+        arrays: dict[str, np.ndarray] = {
             "features": feats.astype(np.float32),
             "logits": logits.astype(np.float32),
             "labels": data.raw.train_y[idx].numpy().astype(np.int64),

@@ -64,6 +64,9 @@ from training.checkpoints import versions as library_versions
 
 DEFAULT_FEATURE_SAMPLES = 1000
 DEFAULT_TSNE_SAMPLES = 500
+# the summary table's columns shown first; the others are folded below it
+MAIN_COLUMNS = ("runs", "forget acc", "retain acc", "test acc", "MIA eff.", "avg gap",
+                "passes/oracle", "time/oracle", "score")  # fmt: skip
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 SCREEN_PX_PER_IN = 120  # figures on screen at 1.25x their printed size (96 px per inch)
 
@@ -327,7 +330,14 @@ def build_blocks(
         "Gap = mean absolute difference to the oracle of UA, RA, TA and MIA-Efficacy in "
         "percentage points, times in seconds; mean ± standard deviation over seeds (the "
         "figures give 95% t-intervals). Below each experiment, its retrain oracle.")))  # fmt: skip
-    b.append(Block("table", rows=without_empty_columns(*table_cells(rows))))
+    table = without_empty_columns(*table_cells(rows))
+    main = [k for k, h in enumerate(table[0]) if k == 0 or h in MAIN_COLUMNS]
+    more = [0] + [k for k in range(1, len(table[0])) if k not in main]
+    b.append(Block("table", rows=[[row[k] for k in main] for row in table]))
+    if len(more) > 1:
+        b.append(Block("open", "More columns: " + ", ".join(table[0][k] for k in more[1:])))
+        b.append(Block("table", rows=[[row[k] for k in more] for row in table]))
+        b.append(Block("close"))
     number = 0
 
     def figure(p: Plot, lazy: bool = False, numbered: bool = True) -> Block:
@@ -348,7 +358,7 @@ def build_blocks(
         b += [figure(p) for p in plots if p.experiment == e.name and p.seed is None]
         b += [figure(p) for p in feats.overall.get(e.name, [])]
         seeds_e = [int(r.seed) for r in e.runs]
-        b.append(Block("open", f"Each seed's figures ({', '.join(map(str, seeds_e))})"))
+        b.append(Block("open", f"Figures of each seed ({', '.join(map(str, seeds_e))})"))
         for s in seeds_e:
             b.append(Block("p", seed_text(e, s)))
             b += [figure(p, lazy=True, numbered=False) for p in plots
@@ -427,6 +437,7 @@ th, td {{ border: 1px solid #ccc; padding: .2em .4em; text-align: right; }}
 td {{ font-variant-numeric: tabular-nums; }}
 th {{ background: #eef2f7; }} td:first-child, th:first-child {{ text-align: left; }}
 tr.oracle td {{ color: #666; background: #fafafa; }}
+td .sd {{ display: block; font-size: .85em; color: #777; white-space: nowrap; }}
 figure {{ margin: 1.4em 0; break-inside: avoid; }}
 figure img {{ max-width: 100%; height: auto; display: block; margin: 0 auto; }}
 figcaption {{ font-size: .9em; color: #444; margin-top: .4em; }}
@@ -451,6 +462,14 @@ def image_width_in(path: Path) -> float | None:
     except (OSError, struct.error):
         return None
     return None
+
+
+def _cell(text: str) -> str:
+    """A table cell; "mean ± std" as the mean over a smaller std, so the table stays narrow."""
+    mean, sep, std = text.partition(" ± ")
+    if not sep:
+        return html.escape(text)
+    return f'{html.escape(mean)}<span class="sd">± {html.escape(std)}</span>'
 
 
 def to_html(blocks: list[Block], title: str, run_dir: Path) -> str:
@@ -487,7 +506,7 @@ def to_html(blocks: list[Block], title: str, run_dir: Path) -> str:
             out.append("".join(f"<th>{e(c)}</th>" for c in head) + "</tr></thead><tbody>")
             for r in body:
                 cls = ' class="oracle"' if r and "(oracle)" in r[0] else ""
-                out.append(f"<tr{cls}>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
+                out.append(f"<tr{cls}>" + "".join(f"<td>{_cell(c)}</td>" for c in r) + "</tr>")
             out.append("</tbody></table></div>")
         elif b.kind == "figure" and b.plot is not None:
             src = b.plot.file("svg", "png")

@@ -10,7 +10,7 @@ time of the whole sweep with the machine's load, cores, workers and threads, and
 work of the oracles and unlearned models.
 
     OMP_NUM_THREADS=1 python bench/bench_epsilon.py --workers 2        # the whole file, N = 32
-    python bench/bench_epsilon.py --workers 2 --only 0 --ulira 16        # class 7 rl_split + U-LiRA
+    python bench/bench_epsilon.py --workers 2 --only 4 --ulira 16        # random 10% rl_split + U-LiRA
     python bench/bench_epsilon.py --tiny    # seconds: one experiment, 1-epoch recipe, N = 3
 """
 
@@ -77,7 +77,10 @@ def experiments(args: argparse.Namespace) -> list[ExperimentConfig]:
     out = []
     for e in exps:
         n = args.models or (e.evaluate.models if e.evaluate else None) or TINY_MODELS
-        ulira = UliraConfig(shadows=args.ulira) if args.ulira else None
+        # U-LiRA covers random forget sets only (running/many_models.py)
+        ulira = (
+            UliraConfig(shadows=args.ulira) if args.ulira and e.class_to_forget is None else None
+        )
         e = dataclasses.replace(e, evaluate=EvaluateConfig(models=n, ulira=ulira))
         if args.tiny and isinstance(e.checkpoint, TrainConfig):
             e = dataclasses.replace(e, checkpoint=dataclasses.replace(e.checkpoint, epochs=1),

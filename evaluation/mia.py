@@ -38,9 +38,11 @@ Flags (per attack feature, over the draws):
 * ``uncertain`` (a number, not a flag): the mean share of forget samples inside the SVC margin.
 
 Cost: R times one attack, plus the decision function on the shadow set per draw (to detect
-degenerate draws, in numpy: about half an SVC fit): ~0.4 s per draw at 900 samples per side on
-one core (an mnist5k model), so R = 10 takes ~4 s per model on a quiet core where one draw of
-the four features took ~0.8 s; ~10 s per draw at 5,000 per side.
+degenerate draws; in numpy, about half an SVC fit, where libsvm's predict costs a whole one).
+``metrics.model_report`` runs R = 10 draws of SalUn's feature and one of the three others: on
+the 20-epoch mnist5k LeNet (900 shadow samples a side) it took 10.4 s per model where one draw
+of all four features took 11.0 s (interleaved, best of 3, one thread, on a 2-core machine at
+load ~8); an RBF fit grows about quadratically with the shadow set.
 """
 
 from __future__ import annotations

@@ -333,6 +333,12 @@ def check_experiment(cfg: ExperimentConfig, where: str) -> None:
                 raise UserError(f"{where}key 'evaluate.ulira': not with {key} (the shadow "
                                 "models are other base models, trained on halves of the "
                                 "pool, with forget sets of their own)")  # fmt: skip
+        if cfg.class_to_forget is not None:
+            raise UserError(f"{where}key 'evaluate.ulira': not with class_to_forget: U-LiRA "
+                            "tells an unlearned example from one never trained on by shadow "
+                            "models that trained on its class, which no class-wise oracle "
+                            "did; use unlearning_rate or idxs_to_forget (the epsilon score "
+                            'of "models" covers class-wise forgetting)')  # fmt: skip
     if cfg.tune is not None:
         _check_tune(cfg, cfg.tune, where)
 

@@ -25,9 +25,9 @@ With ``"ulira": {"shadows": K}`` also (evaluation/ulira.py):
   example in K/2 of them; training seed s+k), cached in ``<checkpoints>/shadows/`` and shared
   by every experiment with the same base recipe, K and seed;
 * ``shadow`` (K): each shadow unlearns, with the experiment's method and seed s+k, the
-  evaluated forget set's examples in its half (class-wise: the class in its half; otherwise
-  topped up with other examples of its half to the evaluated forget set's size), and keeps its
-  confidences on the evaluated forget set: ``runs/<experiment>/epsilon/ulira/shadow<k>...``;
+  evaluated forget set's examples in its half, topped up with other examples of its half to the
+  evaluated forget set's size, and keeps its confidences on the evaluated forget set:
+  ``runs/<experiment>/epsilon/ulira/shadow<k>.safetensors``;
 * ``ulira`` (1): per-example Gaussians fitted on the shadows ("unlearned" and "never trained
   on"), the attack on the N unlearned models (positives) and the N oracles (negatives):
   ``runs/<experiment>/epsilon/ulira.json`` (accuracy, AUC, TPR at 1% and 0.1% FPR; a perfect
@@ -35,6 +35,10 @@ With ``"ulira": {"shadows": K}`` also (evaluation/ulira.py):
   variance per hypothesis (LiRA's choice for few shadows). The targets are full-pool models and
   the shadows half-pool ones, as in LiRA's offline setting; a shift between them favours the
   "never trained on" side.
+
+U-LiRA is for random (or listed) forget sets only: in class-wise forgetting every shadow trained
+on the class, so its "never trained on" examples come from models that unlearned the class,
+not from models that never saw it, as the oracles; the epsilon score covers that case.
 
 Cost, in trainings of the base recipe: N oracles + N unlearning runs for the epsilon score; K
 half-pool trainings (shared across experiments) + K unlearning runs for U-LiRA.
@@ -383,9 +387,8 @@ def _shadow_masks(runner: Runner, job: Job, split: Split) -> tuple[np.ndarray, n
     """Halves and forget sets of the K shadows over ``split.train`` (positions)."""
     train = split.train.numpy()
     candidates = np.isin(train, split.forget.numpy())
-    size = None if split.spec.classes else len(split.forget)
     return shadow_masks(len(train), shadows_of(job), runner.opts.base_seed,
-                        forget_size=size, candidates=candidates)  # fmt: skip
+                        forget_size=len(split.forget), candidates=candidates)  # fmt: skip
 
 
 def shadow_base(runner: Runner, job: Job, k: int) -> Path:

@@ -66,7 +66,7 @@ DOCS = {
         "NeurIPS 2023 unlearning competition does (epsilon.json: forgetting quality F and "
         "score); null: off",
         "ulira": "U-LiRA (Hayes et al. 2024): shadow models attack the N unlearned models; "
-        "needs models",
+        "needs models; random or listed forget sets only (not class_to_forget)",
     },
     "TuneConfig": {
         "trials": "Optuna TPE trials (trial 0: the experiment's own settings)",

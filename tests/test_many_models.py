@@ -41,9 +41,9 @@ def sweep(
     mp.setattr(metrics, "salun_mia", functools.partial(metrics.salun_mia, max_per_side=200))
     exps = [
         {"checkpoint": str(tiny_base), "class_to_forget": 3, "method": "ga_small",
-         "epochs": 1, "lr": 0.001, "evaluate": {"models": N, "ulira": {"shadows": K}}},
+         "epochs": 1, "lr": 0.001, "evaluate": {"models": N}},
         {"checkpoint": str(tiny_base), "unlearning_rate": 0.05, "method": "ft", "epochs": 1,
-         "evaluate": {"models": N}},
+         "evaluate": {"models": N, "ulira": {"shadows": K}}},
     ]  # fmt: skip
     opts = RunnerOptions(source="test", out=tmp_path_factory.mktemp("many") / "out",
                          ckpt_dir=checkpoints_dir, device=torch.device("cpu"), nexp=1,
@@ -68,7 +68,7 @@ def test_graph_tasks(sweep: tuple[Runner, list[Any]]) -> None:
     paths = [t.path for t in graph.tasks.values()]
     assert len(set(paths)) == len(paths)  # each output is one task (the ordinary oracle too)
     summary = graph.tasks["summary"]
-    assert {"epsilon:00_ga_small_cf3", "epsilon:01_ft_unlr0.05", "ulira:00_ga_small_cf3"} <= set(
+    assert {"epsilon:00_ga_small_cf3", "epsilon:01_ft_unlr0.05", "ulira:01_ft_unlr0.05"} <= set(
         summary.deps
     )
     assert graph.todo() == []  # everything verified done: a rerun does nothing
@@ -112,7 +112,7 @@ def test_members_are_the_runs_and_the_oracles(sweep: tuple[Runner, list[Any]]) -
 
 def test_ulira_and_the_summary(sweep: tuple[Runner, list[Any]]) -> None:
     runner, results = sweep
-    job = runner.jobs[0]
+    job = runner.jobs[1]
     u = json.loads((many_models.epsilon_dir(runner, job) / "ulira.json").read_text())
     assert u["n_shadows"] == K and u["n_targets_unlearned"] == N and u["fixed_variance"]
     assert u["examples_scored"] > 0 and 0 <= u["auc"] <= 1 and 0 <= u["acc"] <= 1
@@ -134,6 +134,8 @@ def test_evaluate_key_is_checked() -> None:
         parse_experiment(base | {"evaluate": {"models": 1}}, "x: ")
     with pytest.raises(UserError, match="evaluate.ulira.shadows"):
         parse_experiment(base | {"evaluate": {"models": 4, "ulira": {"shadows": 1}}}, "x: ")
+    with pytest.raises(UserError, match="not with class_to_forget"):
+        parse_experiment(base | {"evaluate": {"models": 4, "ulira": {"shadows": 4}}}, "x: ")
     ok = parse_experiment(base | {"evaluate": {"models": 4}}, "x: ")
     assert ok.to_json()["evaluate"] == {"models": 4}
     assert "evaluate" not in parse_experiment(base, "x: ").to_json()
