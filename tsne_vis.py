@@ -1,4 +1,4 @@
-"""t-SNE maps of penultimate features: per model in 2-D and 3-D, and base/unlearned/oracle side by side. (command line; the code is in `analysis/tsne.py`)."""
+"""t-SNE maps of penultimate features: base, unlearned and oracle side by side (command line; the code is in `analysis/tsne.py`)."""
 
 import sys
 

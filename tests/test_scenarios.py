@@ -290,7 +290,7 @@ def test_fashion_lenet_experiment_file_is_the_challenge() -> None:
     (exp,) = config.load_experiments(REPO / "exp" / "fashion_lenet.json")
     assert exp.frozen == ["fc2"] and exp.method == "uniform_forget"
     assert isinstance(exp.checkpoint, TrainConfig) and exp.checkpoint.model == "lenet"
-    assert exp.checkpoint.dataset == "mnist5k" and isinstance(exp.class_to_forget, int)
+    assert exp.checkpoint.dataset == "fashionmnist" and isinstance(exp.class_to_forget, int)
     every = config.load_experiments(REPO / "exp" / "fashion_lenet_all.json")
     assert sorted(e.class_to_forget for e in every) == list(range(10))  # type: ignore[type-var]
     assert all(e.method_args == exp.method_args and e.frozen == ["fc2"] for e in every)
