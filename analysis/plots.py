@@ -9,8 +9,8 @@ indices (``running/results.py``). No model is loaded and nothing is recomputed. 
 ``<run>/plots/`` (or ``--out``), each as PDF, SVG and a 200 dpi PNG (``analysis/style.py``):
 
 * ``paper/``: the cross-experiment figures of ``analysis/figures.py`` (Avg. Gap vs cost, metrics
-  vs oracle, per-class accuracy vs oracle) and ``confusion`` of the experiment with the smallest
-  Avg. Gap.
+  vs oracle, per-class accuracy vs oracle); the report adds the ``confusion`` figure of the
+  experiment with the smallest Avg. Gap.
 * ``<experiment>/``: the experiment over all its seeds: ``loss_hist`` (per-sample cross-entropy of
   forget vs test samples for base, unlearned and oracle, pooled over seeds; titles give the
   loss-MIA accuracy, ``metrics.loss_mia``, the NeurIPS 2023 starting kit's attack: 0.5 = forget

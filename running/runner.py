@@ -26,7 +26,9 @@ count first (``running/threads.py``) and records it in what it writes.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
+import numbers
 import sys
 import time
 from collections.abc import Callable
@@ -114,6 +116,8 @@ from training.recipe import (
 )
 from unlearning import unlearn as run_method  # (Runner.unlearn is the step around it)
 
+# base and oracle reports shared by the processes of a sweep: <out>/references/<key hash>.json
+REFERENCES = "references"
 # the splits a run evaluates and saves (empty ones give NaN metrics and are not saved)
 SPLITS = ("forget", "retain", "val", "val_forget", "test", "test_forget")
 # what the unlearned model's sidecar (model.json) takes from the base model's: how to build it
@@ -459,8 +463,33 @@ class Runner:
         key = (str(ck.path), indices_hash(split.forget) + str(split.spec.classes)
                + str(split.spec.replace), seed)  # fmt: skip
         if key not in self._reports:
-            self._reports[key] = M.model_report(outs, seed, data.num_classes)
+            self._reports[key] = self._shared_report(
+                key, _weights_sha256(ck.meta), lambda: M.model_report(outs, seed, data.num_classes)
+            )
         return outs, self._reports[key]
+
+    def _shared_report(
+        self, key: tuple[str, str, int], sha: str | None, compute: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """A base model's or oracle's report, computed once per sweep and kept in
+        ``<out>/references/`` for the other processes of the sweep (workers, cluster jobs):
+        its MIA attacks cost as much as a run's own. Floats are stored exactly (as hex), so
+        a report read back gives the numbers a computed one gives."""
+        digest = hashlib.sha256(dumps([*key, sha], indent=None).encode()).hexdigest()[:32]
+        path = self.opts.out / REFERENCES / f"{digest}.json"
+        with locked(path, f"computing the report in {path}"):
+            if path.is_file():
+                try:
+                    return _exact_decode(json.loads(path.read_text()))
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    pass  # damaged: computed again and rewritten
+            report = compute()
+            try:
+                text = json.dumps(_exact_encode(report))
+            except TypeError:  # a value JSON cannot hold exactly: not shared
+                return report
+            atomic_write_text(path, text)
+            return report
 
     # -- running -----------------------------------------------------------------------------
 
@@ -802,6 +831,31 @@ def _weights_sha256(meta: dict[str, Any]) -> str | None:
     record = (meta.get("files") or {}).get("weights") or {}
     sha = record.get("sha256") if isinstance(record, dict) else None
     return sha if isinstance(sha, str) else None
+
+
+def _exact_encode(obj: Any) -> Any:
+    """JSON values with every float as ``{"float": <hex>}``: exact, NaN included, strict JSON."""
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, float):
+        return {"float": obj.hex()}
+    if isinstance(obj, numbers.Integral):
+        return int(obj)
+    if isinstance(obj, dict) and all(isinstance(k, str) for k in obj):
+        return {k: _exact_encode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_exact_encode(v) for v in obj]
+    raise TypeError(f"{type(obj).__name__} is not stored exactly")
+
+
+def _exact_decode(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"float"}:
+            return float.fromhex(obj["float"])
+        return {k: _exact_decode(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_exact_decode(v) for v in obj]
+    return obj
 
 
 def _reusable_reference(path: Path, sha: str | None) -> dict[str, Outputs] | None:

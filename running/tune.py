@@ -315,9 +315,7 @@ class Tuner:
             exps = [experiment(n, p, b) for n, p in todo for b in bases]
             runner = Runner(exps, trial_opts)
             runner.resolve()
-            gaps = {
-                r.name: float(r.gaps.get("avg_gap", math.nan)) for r in runner.run_all(self.backend)
-            }
+            gaps = {r.name: _number(r.gaps.get("avg_gap")) for r in runner.run_all(self.backend)}
             k = len(bases)  # a trial's runs are consecutive, one per base model
             return [sum(gaps.get(e.name, math.nan) for e in exps[i * k : (i + 1) * k]) / k
                     for i in range(len(todo))]  # fmt: skip
@@ -366,6 +364,11 @@ class Tuner:
         }
         write_json(self.folder / f"{name}.json", report)
         return Tuned(tuned, report, best_file)
+
+
+def _number(v: Any) -> float:
+    """A metric as read from metrics.json, where an undefined one (NaN) is null."""
+    return float(v) if isinstance(v, (int, float)) else math.nan
 
 
 def _fmt(v: Any) -> str:

@@ -36,6 +36,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -139,7 +140,9 @@ _RUNNERS: dict[str, tuple[Runner, Graph]] = {}
 
 def _runner(arguments: str) -> tuple[Runner, Graph]:
     """This process's runner and graph for a sweep, built on its first task and kept (with its
-    data and models) for the ones that follow."""
+    data and models) for the ones that follow. ``@<file>`` reads the arguments from a file."""
+    if arguments.startswith("@"):
+        arguments = Path(arguments[1:]).read_text()
     if arguments not in _RUNNERS:
         runner = Runner.from_arguments(arguments)
         _RUNNERS.clear()  # one sweep per process at a time
@@ -168,7 +171,8 @@ def run_task(out: str, key: str, arguments: str) -> str:
     """Execute one task of a sweep in a fresh (or reused) process: the entry point of every
     worker, local or on a cluster. `out` is the run folder, `key` a task key of
     :func:`running.graph.expand` (``base:...``, ``oracle:...``, ``run:...``, ``summary``) and
-    `arguments` the sweep's :meth:`Runner.arguments`. Returns the line the task reports."""
+    `arguments` the sweep's :meth:`Runner.arguments`, or ``@<file>`` holding them (a cluster's
+    job records stay short). Returns the line the task reports."""
     return execute_task(out, key, arguments, wait=True)[1]
 
 
@@ -192,8 +196,13 @@ class _Lines(io.TextIOBase):
 
 
 def _init_worker(slots: Any, lines: Any, threads: int) -> None:
-    # Ctrl-C reaches the whole process group: the parent stops the pool, not each worker
+    # Ctrl-C is for the parent, which stops the pool; a worker ends with it, however it ends
+    # (its call queue closes)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(os, "setsid"):
+        # its own session: Linux's autogroup scheduler shares the CPU between sessions, so in
+        # the parent's session N workers would share one session's part of a busy machine
+        os.setsid()
     if slots is not None:  # before anything starts CUDA in this process
         if torch.cuda.is_initialized():
             raise RuntimeError("CUDA started in a worker before it was pinned to its GPU")
