@@ -193,6 +193,25 @@ def _register_torchvision() -> None:
 
 _register_torchvision()
 
+FASHION5K_PER_CLASS = 500  # the fashion5k pool: this many training images of every class
+
+
+@register(
+    "fashion5k",
+    flip=True,
+    crop_pad=2,
+    default_model="lenet",
+    description="5,000 Fashion-MNIST training images (500 a class) and the 10k test set",
+)
+def load_fashion5k(root: Path, download: bool) -> dict[str, Any]:
+    """A fixed stratified 5,000-image pool of Fashion-MNIST's training set (seed 0), test set
+    whole: a base model trained on it memorises (random forgetting then has a gap to close),
+    and every evaluation stays small enough for 2 CPU cores."""
+    d = tv.load_fashionmnist(root, download)
+    y = d["train_y"]
+    pick = _stratified_pick(y, FASHION5K_PER_CLASS * 10 / len(y), OFFLINE_TEST_SEED)
+    return d | {"train_x": d["train_x"][pick].contiguous(), "train_y": y[pick].clone()}
+
 
 def default_data_dir() -> Path:
     return Path(os.environ.get("DATA_DIR", "./data"))

@@ -17,6 +17,10 @@ indices (``running/results.py``). No model is loaded and nothing is recomputed. 
   and test samples look alike), ``confusion`` (confusion matrices on the whole test set, counts
   pooled over seeds, in percent of the true class) and ``per_class`` (per-class test accuracy
   of base and unlearned minus the oracle's, means and 95% t-intervals over seeds).
+  With a many-model evaluation (``"evaluate": {"models": N}``) also ``epsilon_hist`` and
+  ``epsilon_hardest``: the per-example epsilon of the NeurIPS 2023 competition and the
+  confidences of the hardest examples, read from ``runs/<experiment>/epsilon/``
+  (``analysis/epsilon_plots.py``).
 * ``<experiment>/seed<k>/``: the same three figures for each seed alone.
 """
 
@@ -36,6 +40,7 @@ from tqdm.auto import tqdm
 import metrics as M
 from analysis import figures as FG
 from analysis import style
+from analysis.epsilon_plots import attach_scores, experiment_epsilon_plots
 from analysis.features import resolve_checkpoint
 from analysis.figures import Experiment, mean_ci
 from analysis.style import ROLE_TITLES, ROLES, Plot
@@ -196,12 +201,13 @@ def plot_per_class(e: Experiment, path: Path, class_names: Sequence[str]) -> dic
 
 
 def load_results(run_dir: Path) -> list[RunResult]:
-    """Every finished run's metrics.json (``run_dir`` set), in experiment and seed order."""
+    """Every finished run's metrics.json (``run_dir`` set), in experiment and seed order, with
+    its experiment's many-model scores (eps score, U-LiRA) in ``extra``."""
     found = [
         RunResult.read(p) for p in sorted((Path(run_dir) / "runs").glob("*/seed*/metrics.json"))
     ]
     found.sort(key=lambda r: (r.experiment, int(r.seed)))
-    return found
+    return attach_scores(Path(run_dir), found)
 
 
 def has_reference(stem: Path) -> bool:
@@ -351,7 +357,7 @@ def make_run_plots(
     rest: list[Plot] = []
     for e in tqdm(exps, desc="figures", unit="experiment", disable=quiet or None):
         overall, per_seed = experiment_plots(e, data[e.name], names, out)
-        rest += overall + per_seed
+        rest += overall + experiment_epsilon_plots(run_dir, e.name, out / e.name) + per_seed
         if e.name == best.name:
             conf = next(p for p in overall if p.title == "Confusion matrices")
             paper.append(Plot(conf.path, (

@@ -6,7 +6,9 @@
 The report opens with a setup paragraph and the summary table, then the paper figures
 (``analysis/figures.py``: Avg. Gap vs cost, metrics vs oracle, per-class accuracy vs oracle, and
 the confusion matrices of the best experiment), then one section per experiment with its figures
-aggregated over seeds (means and 95% t-intervals; ``analysis/plots.py``), the class x class
+aggregated over seeds (means and 95% t-intervals; ``analysis/plots.py``; with a many-model
+evaluation also the per-example epsilon histogram and the hardest examples' confidences,
+``analysis/epsilon_plots.py``), the class x class
 sliced-Wasserstein maps of its penultimate features (``analysis/wasserstein.py``; features kept
 in ``<run>/features/``), optionally side-by-side t-SNE maps (``--tsne``), a computed reading
 guide, and each seed's figures folded away (``<details>``); then the configuration, seeds and
@@ -66,7 +68,12 @@ DEFAULT_FEATURE_SAMPLES = 1000
 DEFAULT_TSNE_SAMPLES = 500
 # the summary table's columns shown first; the others are folded below it
 MAIN_COLUMNS = ("runs", "forget acc", "retain acc", "test acc", "MIA eff.", "avg gap",
-                "passes/oracle", "time/oracle", "score")  # fmt: skip
+                "eps score", "passes/oracle", "time/oracle", "score")  # fmt: skip
+EPS_SUMMARY = (
+    " eps score (in %) = F × RA_u/RA_r × TA_u/TA_r, the NeurIPS 2023 unlearning competition's "
+    "score of N unlearned against N retrained models (F: forgetting quality from per-example "
+    "epsilon; see each experiment's epsilon figures), one number per experiment."
+)
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 SCREEN_PX_PER_IN = 120  # figures on screen at 1.25x their printed size (96 px per inch)
 
@@ -329,7 +336,8 @@ def build_blocks(
         "RA = retain acc, TA = test acc, on the test set without the forgotten classes), Avg. "
         "Gap = mean absolute difference to the oracle of UA, RA, TA and MIA-Efficacy in "
         "percentage points, times in seconds; mean ± standard deviation over seeds (the "
-        "figures give 95% t-intervals). Below each experiment, its retrain oracle.")))  # fmt: skip
+        "figures give 95% t-intervals). Below each experiment, its retrain oracle."
+        + (EPS_SUMMARY if any("eps_score" in r.extra for r in results) else ""))))  # fmt: skip
     table = without_empty_columns(*table_cells(rows))
     main = [k for k, h in enumerate(table[0]) if k == 0 or h in MAIN_COLUMNS]
     more = [0] + [k for k in range(1, len(table[0])) if k not in main]

@@ -204,6 +204,7 @@ __all__ = [
     "BASE",
     "DONE",
     "EPSILON",
+    "Execute",
     "HELD",
     "KINDS",
     "MODEL_ORACLE",

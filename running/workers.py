@@ -6,9 +6,11 @@ spawn start method), pinned before CUDA starts in it: to one GPU (``CUDA_VISIBLE
 ``--threads-per-task`` threads (PyTorch, OpenMP and BLAS). A worker receives plain values, the
 sweep's arguments (a JSON string, :meth:`Runner.arguments`) and a task key, and rebuilds what
 it needs: the first task a worker does loads the data, and it keeps data and models for the
-tasks that follow. A task starts when the tasks it depends on are finished (a run when its base
-model and oracle exist); the graph holds each cache entry once and the locks of core/locks.py
-keep other processes from building it again.
+tasks that follow. On CPU the process that started the sweep, which has imported everything
+and loaded the data already, does the first ready task itself (a fresh sweep's base model)
+while the workers start. A task starts when the tasks it depends on are finished (a run when
+its base model and oracle exist); the graph holds each cache entry once and the locks of
+core/locks.py keep other processes from building it again.
 
 Every backend gives the same numbers and weights as one process doing the tasks in order (same
 device type, same threads per task): a task depends on its inputs only, never on what its
@@ -34,7 +36,7 @@ import signal
 import sys
 import threading
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Executor, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,16 @@ import torch
 
 from core.errors import UserError
 from core.progress import say, show_inner_bars
-from running.graph import HELD, WORKER_KINDS, Graph, Progress, Task, expand, run_in_order
+from running.graph import (
+    HELD,
+    WORKER_KINDS,
+    Execute,
+    Graph,
+    Progress,
+    Task,
+    expand,
+    run_in_order,
+)
 from running.runner import Backend, Runner
 from running.threads import DEFAULT_THREADS, apply_threads, check_threads, thread_env, usable_cores
 
@@ -267,7 +278,10 @@ def run_pool(runner: Runner, graph: Graph, plan: WorkerPlan, progress: Progress)
                 plan.workers, mp_context=ctx, initializer=_init_worker,
                 initargs=(slots, lines, plan.threads),
             )  # fmt: skip
-            _schedule(pool, graph, out, arguments, plan.workers, progress)
+            # on CPU this process, ready since it checked the sweep, does the first task while
+            # the workers start; a pinned GPU worker must do its own
+            local = None if plan.gpus else runner.execute
+            _schedule(pool, graph, out, arguments, plan.workers, progress, local)
     except BaseException:
         if pool is not None:
             _stop(pool)
@@ -282,12 +296,13 @@ def run_pool(runner: Runner, graph: Graph, plan: WorkerPlan, progress: Progress)
 
 
 def _schedule(
-    pool: ProcessPoolExecutor,
+    pool: Executor,
     graph: Graph,
     out: str,
     arguments: str,
     width: int,
     progress: Progress,
+    local: Execute | None = None,
 ) -> None:
     finished = set(graph.done)
     taken: set[str] = set()
@@ -299,10 +314,31 @@ def _schedule(
         taken.add(task.key)
         running[pool.submit(execute_task, out, task.key, arguments, wait_for_lock)] = task
 
+    def finish(task: Task, status: str, line: str) -> None:
+        if status == HELD:
+            held.append(task)
+        else:
+            finished.add(task.key)
+            progress.finished(task, line)
+
     # every worker starts now (the pool starts them one per waiting call), and loads the data
     # while the first tasks run; a failure here fails the first task again, with its message
     for _ in range(width):
         pool.submit(_warm_up, arguments)
+    if local is not None:
+        # a worker needs seconds to import and load the data; this process has done both, so
+        # it does the first ready task (a fresh sweep's base model, which every other task
+        # waits for) meanwhile, with the same threads per task: the same numbers. The tasks
+        # ready besides it go to the pool first.
+        ready = graph.ready(finished, taken)
+        if ready:
+            taken.add(ready[0].key)
+            for task in ready[1 : width + 1]:
+                submit(task, False)
+            try:
+                finish(ready[0], *local(ready[0], False))
+            except Exception as e:  # as a worker's failure: raised once the others end
+                error = e
     while True:
         if error is None:
             for task in graph.ready(finished, taken)[: max(width - len(running), 0)]:
@@ -320,11 +356,7 @@ def _schedule(
             except BaseException as e:  # the task's own error, raised once the others end
                 error = error or e
                 continue
-            if status == HELD:
-                held.append(task)
-                continue
-            finished.add(task.key)
-            progress.finished(task, line)
+            finish(task, status, line)
     if error is not None:
         raise error
     left = [t.key for t in graph.todo() if t.key not in finished]

@@ -7,6 +7,7 @@ script still runs against today's code and reports what it measured.
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 from pathlib import Path
 from types import ModuleType
@@ -79,3 +80,39 @@ def test_bench_run_counts_images_and_trains(mnist5k: RawData) -> None:
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert bench.run(batches, 1, cpu, model)[0] == 300
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_readme_numbers_reads_tables_from_run_files(tmp_path: Path) -> None:
+    """bench/readme_numbers.py: README's columns picked from summary.md, and the class
+    replacement table from the runs' metrics.json, on hand-written files."""
+    rn = load_script(REPO_ROOT / "bench" / "readme_numbers.py")
+    (tmp_path / "summary.md").write_text(
+        "| experiment | runs | forget acc | extra |\n|---|---|---|---|\n"
+        "| 00_ga_cf7 | 3 | 11.20 ± 0.16 | x |\n| 00_ga_cf7 (oracle) | 3 | 0.00 ± 0.00 | y |\n"
+    )
+    table = rn.summary_columns(["experiment", "forget acc"])(tmp_path)
+    assert table == (
+        "| experiment | forget acc |\n|---|---|\n"
+        "| 00_ga_cf7 | 11.20 ± 0.16 |\n| 00_ga_cf7 (oracle) | 0.00 ± 0.00 |"
+    )
+    with pytest.raises(rn.UserError, match="no column 'score'"):
+        rn.summary_columns(["score"])(tmp_path)
+
+    def report(new: float, old: float) -> dict[str, object]:
+        return {"old": 1, "new": 2, "new_acc": new, "old_acc": old, "untouched_acc": 0.5,
+                "mean_confidence": 0.9, "train": {"new_acc": new, "old_acc": old},
+                "confusion": {"rows": [0, 1], "cols": [0, 1], "matrix": [[1.0, 0.0], [0.25, 0.75]]}}  # fmt: skip
+
+    run = tmp_path / "runs" / "00_ft_rp1by2" / "seed0"
+    run.mkdir(parents=True)
+    metrics = {"experiment": "00_ft_rp1by2", "times": {"unlearn_time": 1.25, "oracle_time": 30.0},
+               "replacement": {"base": report(0.0, 1.0), "oracle": report(0.99, 0.2),
+                               "unlearned": report(0.5, 0.125)}}  # fmt: skip
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    lines = rn.replacement_table(tmp_path).splitlines()
+    assert lines[2] == "| base | 0.000 | 1.000 | 0.500 | 0.900 | 0.000 | 1.000 | – |"
+    assert lines[3].startswith("| retrain oracle | 0.990 | 0.200 |") and "30.0 s" in lines[3]
+    assert lines[4] == "| `00_ft_rp1by2` | 0.500 | 0.125 | 0.500 | 0.900 | 0.500 | 0.125 | 1.2 |"
+    assert lines[-1] == "| `00_ft_rp1by2` | 25% | 75% |"  # where the 1s go
+    with pytest.raises(rn.UserError, match="unknown target 'nope'"):
+        rn.pick("quickstart,nope")

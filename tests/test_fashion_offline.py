@@ -19,6 +19,7 @@ import pytest
 import torch
 from torchvision import datasets as tvd
 
+import datasets
 from datasets import load_raw
 from loaders import torchvision_files as tv
 from loaders.torchvision_files import DatasetUnavailable, load_fashionmnist, read_idx
@@ -192,3 +193,43 @@ def test_real_debian_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     # the published normalisation of the training images (mean 0.2860, std 0.3530)
     x = out["train_x"].double() / 255
     assert abs(float(x.mean()) - 0.2860) < 5e-5 and abs(float(x.std()) - 0.3530) < 5e-5
+
+
+# ------------------------------------------------------------------------------ fashion5k
+
+
+def _rows(x: torch.Tensor) -> dict[bytes, int]:
+    return {bytes(r.flatten().tolist()): i for i, r in enumerate(x)}
+
+
+def _check_fashion5k(out: dict[str, Any], full: dict[str, Any]) -> None:
+    """500 training images of every class, each one of the full set's with its label, in the
+    full set's order; the test set whole."""
+    assert out["train_y"].bincount().tolist() == [datasets.FASHION5K_PER_CLASS] * 10
+    where = _rows(full["train_x"])
+    picked = [where[bytes(r.flatten().tolist())] for r in out["train_x"]]
+    assert picked == sorted(set(picked))  # distinct images, in order
+    assert torch.equal(full["train_y"][picked], out["train_y"])
+    assert torch.equal(out["test_x"], full["test_x"]) and torch.equal(out["test_y"], full["test_y"])
+
+
+def test_fashion5k_is_a_stratified_pool_of_the_system_copy(tmp_path: Path, system: Path) -> None:
+    want = _fake(4, n_train=12000, n_test=9)
+    want["train_y"] = np.repeat(np.arange(10, dtype=np.uint8), 1200)
+    want["train_x"][:, 1, :2] = np.stack([np.arange(12000) // 256, np.arange(12000) % 256], 1)
+    _write(system, want)
+    full = load_fashionmnist(tmp_path / "data", False)
+    out = datasets.load_fashion5k(tmp_path / "data", False)
+    _check_fashion5k(out, full)
+    again = load_raw("fashion5k", tmp_path / "data", False)  # cached, the same pool
+    assert torch.equal(again.train_x, out["train_x"]) and torch.equal(again.train_y, out["train_y"])
+
+
+@pytest.mark.skipif(
+    not all((REAL_DIR / f"{n}.gz").is_file() for n in NAMES),
+    reason=f"Debian package dataset-fashion-mnist is not installed (no files in {REAL_DIR})",
+)
+def test_fashion5k_from_the_real_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(tv, "FASHIONMNIST_SYSTEM_DIRS", (REAL_DIR,))
+    full = load_fashionmnist(tmp_path, False)
+    _check_fashion5k(datasets.load_fashion5k(tmp_path, False), full)

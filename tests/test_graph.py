@@ -77,7 +77,7 @@ def test_expand_shares_base_models_and_oracles(
     graph = expand(runner, report=True)
 
     ck = tmp_path / "ck"
-    b1, b2 = (base_checkpoint_name(TrainConfig(**r)) for r in (R1, R2))
+    b1, b2 = (base_checkpoint_name(TrainConfig.from_json(r)) for r in (R1, R2))
     tiny = tiny_base.with_suffix("")
     assert tiny.name == b1 and tiny.parent != ck
     o1 = ck / "oracles" / oracle_name(b1, mnist5k, {"cf": 3}, 0)

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 from synthetic_runs import make_run_folder
+from test_epsilon_figures import write_epsilon_folder
 
 from analysis.report import browser_command, find_browser, write_report
 
@@ -64,6 +65,8 @@ def chromium(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def page(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = make_run_folder(tmp_path_factory.mktemp("browser"))
+    # one experiment with a many-model evaluation: its two epsilon figures are on the page too
+    write_epsilon_folder(run / "runs" / "02_ga_unlr0.1" / "epsilon")
     return write_report(run, "cpu", features=False, fig_formats=("png", "svg"), quiet=True)
 
 
@@ -80,8 +83,9 @@ def page_state(page: Path) -> dict[str, Any]:
 def test_every_image_loads_and_nothing_overflows(page: Path) -> None:
     state = page_state(page)
     in_html = re.findall(r"<img ", page.read_text())
-    # 4 paper figures, 3 per experiment and 3 per seed: 3 experiments x 2 seeds
-    assert state["images"] == len(in_html) == 4 + 3 * 3 + 3 * 6
+    # 4 paper figures, 3 per experiment (+ 2 epsilon figures) and 3 per seed: 3 experiments
+    # x 2 seeds
+    assert state["images"] == len(in_html) == 4 + 3 * 3 + 2 + 3 * 6
     assert state["broken"] == []
     assert state["innerWidth"] == WIDTH
     assert state["scrollWidth"] <= WIDTH and state["widest"] <= WIDTH, state

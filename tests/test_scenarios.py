@@ -29,6 +29,7 @@ import torch
 from conftest import REPO_ROOT
 from torch import nn
 
+import datasets
 import methods
 import metrics as M
 from core.errors import UserError
@@ -334,3 +335,37 @@ def test_uniform_forget_scores_at_least_90(
     assert moved == []
     assert score["score"] >= 90, score
     assert l2 <= 1.3 + 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# Random forgetting on Fashion-MNIST and tuning against the oracle: the experiment files
+# --------------------------------------------------------------------------------------------
+
+
+def test_randomforget_fashion_forgets_a_tenth_of_the_training_set() -> None:
+    exps = config.load_experiments(REPO / "exp" / "randomforget_fashion.json")
+    recipes = {json.dumps(e.checkpoint.to_json(), sort_keys=True) for e in exps}  # type: ignore[union-attr]
+    assert len(recipes) == 1  # one base model for every method
+    recipe = exps[0].checkpoint
+    assert isinstance(recipe, TrainConfig) and recipe.dataset == "fashion5k"
+    assert not recipe.augment  # a base that memorises its training set
+    y = torch.arange(10).repeat_interleave(datasets.FASHION5K_PER_CLASS)  # the fashion5k pool
+    raw = RawData("fashion5k", torch.zeros(len(y), 1, 1, 1, dtype=torch.uint8), y,
+                  torch.zeros(10, 1, 1, 1, dtype=torch.uint8), torch.arange(10),
+                  [str(c) for c in range(10)], (0.0,), (1.0,))  # fmt: skip
+    for seed in (0, 1, 2):
+        rates = {e.unlearning_rate for e in exps}
+        assert len(rates) == 1 and all(e.class_to_forget is None for e in exps)
+        split = make_split(raw, make_forget_spec(unlr=rates.pop(), seed=seed),
+                           recipe.split_seed, recipe.val_fraction)  # fmt: skip
+        assert len(split.train) == 4500 and len(split.forget) == len(split.train) // 10
+    methods_run = {e.method for e in exps}
+    assert {"ft", "ga", "rl", "rl_split", "l1_sparse", "scrub", "ssd"} <= methods_run
+    assert any(e.method == "rl_split" and e.use_mask for e in exps)  # SalUn
+
+
+def test_tune_mnist5k_tunes_ga_and_rl_split_on_another_class() -> None:
+    exps = config.load_experiments(REPO / "exp" / "tune_mnist5k.json")
+    assert sorted(e.method for e in exps) == ["ga", "rl_split"]
+    for e in exps:
+        assert e.tune is not None and e.class_to_forget == 7 and e.tune.forget == 8

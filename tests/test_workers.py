@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import running.workers as workers
 from cli import main as main_mod
 from running.config import parse_experiment
+from running.graph import Graph, Progress, Task
 from running.rundir import MANIFEST, run_finished
 from running.runner import Runner, RunnerOptions
 from running.workers import run_task
@@ -165,12 +169,60 @@ def test_mixed_precision_is_for_cuda_only(monkeypatch: pytest.MonkeyPatch) -> No
         assert precision.amp_dtype(cuda) is None and precision.grad_scaler(cuda) is None
     finally:
         precision.set_amp(True)
-    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3))
+    conv = torch.nn.Conv2d(1, 2, 3)
+    model = torch.nn.Sequential(conv)
     assert not precision.channels_last(model, cpu)  # CPU: weights stay as they are
-    assert model[0].weight.is_contiguous()
+    assert conv.weight.is_contiguous()
     # summed on the device, the same float as summing loss.item() * batch size in Python
     acc, python = precision.loss_accumulator(cpu), 0.0
     for loss in (torch.tensor(0.1), torch.tensor(0.7), torch.tensor(1 / 3)):
         acc += loss.to(acc.dtype) * 3
         python += loss.item() * 3
     assert acc.dtype == torch.float64 and float(acc) == python
+
+
+def test_this_process_does_the_first_task_while_the_workers_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The scheduler: the process that started the sweep does the first ready task (the base
+    model every other task waits for), the pool the rest, each after its dependencies; a
+    failure of that first task fails the sweep with its own error."""
+    tasks = [
+        Task("base:b", "base", "b"),
+        Task("oracle:o1", "oracle", "o1", ("base:b",)),
+        Task("oracle:o2", "oracle", "o2", ("base:b",)),
+        Task("run:r1", "run", "r1", ("base:b", "oracle:o1")),
+        Task("run:r2", "run", "r2", ("base:b", "oracle:o2")),
+    ]
+    order: list[tuple[str, str]] = []
+    lock = threading.Lock()
+
+    def in_pool(out: str, key: str, arguments: str, wait: bool = True) -> tuple[str, str]:
+        with lock:
+            order.append(("pool", key))
+        return "done", f"did {key}"
+
+    def here(task: Task, wait: bool) -> tuple[str, str]:
+        order.append(("here", task.key))
+        return "done", ""
+
+    monkeypatch.setattr(workers, "execute_task", in_pool)
+    monkeypatch.setattr(workers, "_warm_up", lambda arguments: None)
+    graph = Graph({t.key: t for t in tasks})
+    progress = Progress(graph, quiet=True)
+    with ThreadPoolExecutor(2) as pool:
+        workers._schedule(pool, graph, "out", "{}", 2, progress, here)
+    assert order[0] == ("here", "base:b")
+    assert sorted(order[1:]) == [("pool", t.key) for t in tasks[1:]]
+    at = {key: i for i, (_, key) in enumerate(order)}
+    assert at["oracle:o1"] < at["run:r1"] and at["oracle:o2"] < at["run:r2"]
+    assert sorted(progress.finished_tasks) == sorted(t.key for t in tasks)
+
+    def fails(task: Task, wait: bool) -> tuple[str, str]:
+        raise ValueError("the base model failed")
+
+    order.clear()
+    with ThreadPoolExecutor(2) as pool, pytest.raises(ValueError, match="base model failed"):
+        workers._schedule(pool, Graph({t.key: t for t in tasks}), "out", "{}", 2,
+                          Progress(graph, quiet=True), fails)  # fmt: skip
+    assert order == []  # nothing depends on nothing else: no task started
