@@ -4,6 +4,10 @@ unlearning runs, the summary and (with ``--report``) the report.
     base (one per distinct base checkpoint) -> oracle (one per distinct base model and forget
     set) -> run (one per experiment and seed) -> summary -> report
 
+An oracle of a supervised recipe does not wait for its base model (it is trained from scratch
+with the same recipe, so both train at once); one whose base is a checkpoint file or a
+self-supervised recipe does (``Runner.oracle_needs_base``).
+
 Every task is a function of its inputs whose output has a content-addressed name: a base
 model's cache name is a hash of its resolved recipe (training/recipe.py), an oracle's names its
 base model and the sha256 of its forget set, a run's folder its experiment and seed. Outputs are
@@ -137,9 +141,8 @@ def expand(runner: Runner, *, report: bool = False) -> Graph:
             spec, split = runner.split_for(job, raw, opts.base_seed + k)
             path = runner.oracle_path(job, spec, split)
             oracle = f"{ORACLE}:{path}"
-            layers[ORACLE].setdefault(
-                oracle, Task(oracle, ORACLE, str(path), (base,), job.index, k)
-            )
+            needs = (base,) if runner.oracle_needs_base(job) else ()
+            layers[ORACLE].setdefault(oracle, Task(oracle, ORACLE, str(path), needs, job.index, k))
             d = runner.run_dir(job, k)
             key = f"{RUN}:{job.folder}/{d.name}"
             layers[RUN][key] = Task(key, RUN, str(d), (base, oracle), job.index, k)

@@ -398,16 +398,32 @@ class Runner:
                                       shared)  # fmt: skip
         return self.opts.ckpt_dir / "oracles" / name
 
-    def oracle(self, job: Job, base: Checkpoint, spec: ForgetSpec, split: Split) -> Checkpoint:
-        """The retrain oracle for this base checkpoint and exactly this forget set."""
+    def oracle_needs_base(self, job: Job) -> bool:
+        """Whether building the job's oracles needs its base model first. An oracle is trained
+        from scratch with the base recipe, so a supervised recipe's oracles can train while
+        the base model trains; a base checkpoint given as a file is read for its recipe, and a
+        self-supervised recipe's oracle may reuse the encoder that the base's training made."""
+        return job.base_train is None or job.base_train.pretrain is not None
+
+    def oracle(
+        self, job: Job, base: Checkpoint | None, spec: ForgetSpec, split: Split
+    ) -> Checkpoint:
+        """The retrain oracle for this base checkpoint and exactly this forget set (`base`
+        may be None where :meth:`oracle_needs_base` says it is not needed)."""
         path = self.oracle_path(job, spec, split)
         key = str(path)
         if key not in self._models:
+            if base is not None:
+                recipe = TrainConfig.from_json(base.meta["train"])
+            elif job.base_train is not None and not self.oracle_needs_base(job):
+                recipe = job.base_train
+            else:
+                raise ValueError(f"{path}: this oracle needs its base model")
 
             def build() -> None:
                 digest = indices_hash(split.forget)[:16]
                 train_checkpoint(
-                    TrainConfig.from_json(base.meta["train"]),
+                    recipe,
                     spec,
                     path.parent,
                     device=self.opts.device,
@@ -545,8 +561,13 @@ class Runner:
             self.whole_outputs(self.base_model(job), job)
             return DONE, ""
         if task.kind == ORACLE:
-            prep = self.prepare(job, self.opts.base_seed + task.k)
-            self.whole_outputs(prep.oracle, job)
+            if self.oracle_needs_base(job):
+                oracle = self.prepare(job, self.opts.base_seed + task.k).oracle
+            else:  # trained alongside its base model (graph.expand gives it no dependency)
+                data = self.job_data(job)
+                spec, split = self.split_for(job, data.raw, self.opts.base_seed + task.k)
+                oracle = self.oracle(job, None, spec, split)
+            self.whole_outputs(oracle, job)
             return DONE, ""
         run_dir = Path(task.path)
 

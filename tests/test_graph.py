@@ -94,8 +94,9 @@ def test_expand_shares_base_models_and_oracles(
     t = graph.tasks
     assert t[f"base:{ck / b1}"].path == str(ck / b1) and t[f"base:{ck / b1}"].deps == ()
     assert t[f"base:{tiny}"].path == str(tiny_base)
-    assert t[f"oracle:{o1}"].deps == (f"base:{ck / b1}",) and t[f"oracle:{o1}"].path == str(o1)
-    assert t[f"oracle:{o2}"].deps == (f"base:{ck / b2}",)
+    # an oracle of a supervised recipe trains alongside its base model: no dependency
+    assert t[f"oracle:{o1}"].deps == () and t[f"oracle:{o1}"].path == str(o1)
+    assert t[f"oracle:{o2}"].deps == () and t[f"oracle:{o1r[1]}"].deps == ()
     for i, folder in enumerate(folders):
         for s in (0, 1):
             run = t[f"run:{folder}/seed{s}"]
@@ -251,3 +252,24 @@ def test_terminal_table_fits_100_columns_with_each_oracle_once() -> None:
     text = to_terminal(results[:-1], folders)
     assert text.splitlines()[1].split()[:2] == ["experiment", "runs"]
     assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_an_oracle_waits_for_a_base_model_given_as_a_file_or_pretrained(
+    tmp_path: Path, data_dir: Path, tiny_base: Path
+) -> None:
+    byol = R1 | {"pretrain": {"method": "byol", "epochs": 1}}
+    exps = [
+        {"checkpoint": str(tiny_base), "class_to_forget": 3} | CHEAP,  # a file: read its recipe
+        {"checkpoint": byol, "class_to_forget": 3} | CHEAP,  # may reuse the base's encoder
+        {"checkpoint": R2, "class_to_forget": 3} | CHEAP,  # supervised recipe: no wait
+    ]
+    runner = runner_for(exps, tmp_path, data_dir, nexp=1)
+    graph = expand(runner)
+    oracles = [t for t in graph.tasks.values() if t.kind == ORACLE]
+    assert [t.job for t in oracles] == [0, 1, 2]
+    assert [t.deps for t in oracles] == [
+        (f"base:{tiny_base.with_suffix('')}",),
+        (runner.base_key(runner.jobs[1]),),
+        (),
+    ]
+    assert [runner.oracle_needs_base(j) for j in runner.jobs] == [True, True, False]
