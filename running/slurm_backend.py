@@ -23,9 +23,6 @@ checkpoint folder must be on a filesystem the nodes share.
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -37,27 +34,12 @@ from running.graph import WORKER_KINDS, Graph, Progress, Task
 from running.runner import Backend, Runner
 from running.slurm import SlurmLauncher, SlurmSettings, TaskStatus
 from running.threads import thread_env
-from running.workers import run_task
+from running.workers import environment, run_task
 
 
 class Submitted(Exception):
     """``--no-wait``: a layer's tasks were submitted (or are still queued); nothing to wait
     for here. The message says what is in the queue."""
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Environment variables the jobs submitted inside inherit (sbatch exports them)."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def job_arguments(runner: Runner, settings: SlurmSettings) -> str:
@@ -121,7 +103,7 @@ class SlurmSweep:
         free = [t for t in layer if t not in queued and all(d in self.finished for d in t.deps)]
         tasks = {t.key: (self.out, t.key, self.arguments) for t in free}
         if tasks:
-            with _environment(thread_env(self.runner.opts.threads)):
+            with environment(thread_env(self.runner.opts.threads)):
                 self.launcher.submit(run_task, tasks, layer[0].kind)
         return queued + free, len(free), len(queued)
 

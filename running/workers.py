@@ -228,9 +228,9 @@ def _init_worker(slots: Any, lines: Any, threads: int) -> None:
 
 
 @contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the worker processes started inside (they inherit them
-    before any library loads), and put them back afterwards."""
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the processes started inside (worker processes, SLURM
+    jobs: they inherit them before any library loads), and put them back afterwards."""
     old = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
     try:
@@ -273,7 +273,7 @@ def run_pool(runner: Runner, graph: Graph, plan: WorkerPlan, progress: Progress)
     env = thread_env(plan.threads)
     pool = None
     try:
-        with _environment(env):
+        with environment(env):
             pool = ProcessPoolExecutor(
                 plan.workers, mp_context=ctx, initializer=_init_worker,
                 initargs=(slots, lines, plan.threads),
