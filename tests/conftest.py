@@ -7,11 +7,14 @@ The CLI tests pass the same folder as ``--data-dir`` so the subprocesses read th
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from datasets import ForgetSpec, RawData, load_raw
 from training.config import TrainConfig
@@ -39,6 +42,21 @@ def one_error_line(code: int, stdout: str, stderr: str) -> str:
     assert code == 2, (code, stderr)
     assert stdout == ""
     return lines[0]
+
+
+def numbers(run: Path) -> dict[str, Any]:
+    """A run's metrics.json without wall-clock times and the cache folder's name: what two
+    executions of the same run (another worker count, a cluster) must agree on."""
+    m = json.loads((run / "metrics.json").read_text())
+    return {
+        k: v for k, v in m.items() if k not in ("times", "base_checkpoint", "oracle_checkpoint")
+    }
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Two safetensors files hold the same tensors, bit for bit."""
+    wa, wb = load_file(str(a)), load_file(str(b))
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -21,11 +21,9 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from conftest import numbers, same_weights
 from slurm_cluster import slurm_cluster_fixture  # noqa: F401 (registers the fixture)
 
 from cli import main as main_mod
@@ -70,18 +68,6 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return captured.err
-
-
-def numbers(run: Path) -> dict[str, Any]:
-    m = json.loads((run / "metrics.json").read_text())
-    return {
-        k: v for k, v in m.items() if k not in ("times", "base_checkpoint", "oracle_checkpoint")
-    }
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = load_file(str(a)), load_file(str(b))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def assert_same_runs(a: Path, b: Path) -> None:

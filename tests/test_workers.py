@@ -17,11 +17,10 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from conftest import numbers, same_weights
 
 import running.workers as workers
 from cli import main as main_mod
@@ -60,19 +59,6 @@ def sweep(
     captured = capsys.readouterr()
     assert code == 0, captured.err
     return out, captured.out, captured.err
-
-
-def numbers(run: Path) -> dict[str, Any]:
-    """metrics.json without wall-clock times and the cache folder's name."""
-    m = json.loads((run / "metrics.json").read_text())
-    return {
-        k: v for k, v in m.items() if k not in ("times", "base_checkpoint", "oracle_checkpoint")
-    }
-
-
-def same_weights(a: Path, b: Path) -> bool:
-    wa, wb = load_file(str(a)), load_file(str(b))
-    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_two_workers_give_what_one_process_gives(
